@@ -1,0 +1,46 @@
+"""The single attention call every network makes, and the hook to replace it.
+
+Networks call :func:`attention` with ``[B, L, H, D]`` tensors. Other packages (``wan_kernels``)
+install a faster implementation with :func:`set_attention_backend`; ``wan_models`` itself never
+imports them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked softmax attention through torch SDPA; ``[B, L, H, D]`` in and out."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+_backend: AttentionFn = sdpa_attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over ``[B, L, H, D]`` tensors with the installed backend (default torch SDPA)."""
+    return _backend(q, k, v)
+
+
+def set_attention_backend(fn: AttentionFn | None) -> AttentionFn:
+    """Install ``fn`` as the attention used by every network (``None`` restores SDPA).
+
+    Returns the backend that was active before, so callers can put it back.
+    """
+    global _backend
+    if fn is not None and not callable(fn):
+        raise TypeError(f"attention backend must be callable taking (q, k, v), got {fn!r}")
+    previous, _backend = _backend, (fn or sdpa_attention)
+    return previous
+
+
+def get_attention_backend() -> AttentionFn:
+    """The attention function the networks currently call."""
+    return _backend
