@@ -1,0 +1,331 @@
+"""The Wan 2.1 diffusion transformer (T2V, I2V, FLF2V, Fun, VACE), keyed as the released files.
+
+Tokens: ``patch_embedding`` turns latents ``[B, C, F, H, W]`` into ``F*H*W/4`` tokens. Each block
+applies time-modulated self-attention with 3D RoPE, cross-attention to the text (and CLIP image)
+context and a time-modulated FFN. The residual stream and all modulation arithmetic stay in
+float32, as in the reference; linear layers run in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .dit_config import DiTConfig
+from .dit_extras import CameraAdapter
+from .rope import apply_rope, rope_tables
+
+
+def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Cos-then-sin embedding of ``positions [B]`` over ``dim/2`` frequencies, in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=positions.device) / half)
+    angles = torch.outer(positions.to(torch.float64), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32 (the q/k norm of every attention)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * self.weight
+
+
+def layer_norm32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm in float32 whatever the dtypes of ``x`` and the norm's affine parameters."""
+    weight = None if norm.weight is None else norm.weight.float()
+    bias = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
+        v = self.v(x).unflatten(-1, heads)
+        return self.o(attention(q, k, v).flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to the text context, plus a CLIP image branch on image models.
+
+    The first ``image_tokens`` context rows go to the image branch (``k_img``/``v_img``); both
+    branches share ``q`` and are summed before ``o``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True,
+                 image_input: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        if image_input:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_tokens: int = 0) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        image, text = context[:, :image_tokens], context[:, image_tokens:]
+        k = self.norm_k(self.k(text)).unflatten(-1, heads)
+        out = attention(q, k, self.v(text).unflatten(-1, heads))
+        if image_tokens:
+            k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
+            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
+        return self.o(out.flatten(-2))
+
+
+class DiTBlock(nn.Module):
+    """Modulated self-attention, cross-attention and modulated FFN with gated residuals."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, config.num_heads, eps, config.qk_norm)
+        self.norm3 = nn.LayerNorm(dim, eps) if config.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm, config.image_input)
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], image_tokens: int = 0) -> torch.Tensor:
+        """``x [B, L, dim]`` float32 residual stream, ``e0 [B, 6, dim]`` float32 time modulation."""
+        dtype = self.ffn[0].weight.dtype
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        h = layer_norm32(x, self.norm1) * (1 + scale1) + shift1
+        x = x + self.self_attn(h.to(dtype), rope) * gate1
+        h = layer_norm32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
+        x = x + self.cross_attn(h.to(dtype), context, image_tokens)
+        h = layer_norm32(x, self.norm2) * (1 + scale2) + shift2
+        return x + self.ffn(h.to(dtype)) * gate2
+
+
+class VaceBlock(DiTBlock):
+    """A DiT block on the VACE hint stream that also emits ``after_proj`` of its output as a hint.
+
+    The first block starts the stream as ``before_proj(vace tokens) + video tokens``.
+    """
+
+    def __init__(self, config: DiTConfig, first: bool) -> None:
+        super().__init__(config)
+        if first:
+            self.before_proj = nn.Linear(config.dim, config.dim)
+        self.after_proj = nn.Linear(config.dim, config.dim)
+
+    def forward(self, c: torch.Tensor, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if hasattr(self, "before_proj"):
+            c = self.before_proj(c.to(self.before_proj.weight.dtype)).float() + x
+        c = super().forward(c, e0, context, rope)
+        return c, self.after_proj(c.to(self.after_proj.weight.dtype)).float()
+
+
+class Head(nn.Module):
+    """Final modulated LayerNorm and projection to ``out_dim * prod(patch)`` per token."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, config.out_dim * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.empty(1, 2, config.dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        h = layer_norm32(x, self.norm) * (1 + scale) + shift
+        return self.head(h.to(self.head.weight.dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP features -> context tokens (LayerNorm, Linear, GELU, Linear, LayerNorm).
+
+    FLF2V adds ``emb_pos`` over the first and last frame's tokens before the MLP.
+    """
+
+    def __init__(self, clip_dim: int, dim: int, pos_tokens: int = 0) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(),
+                                  nn.Linear(clip_dim, dim), nn.LayerNorm(dim))
+        if pos_tokens:
+            self.emb_pos = nn.Parameter(torch.empty(1, pos_tokens, clip_dim))
+
+    def forward(self, clip_feature: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "emb_pos"):
+            if clip_feature.shape[1] != self.emb_pos.shape[1]:
+                raise ValueError(f"this model embeds first+last frame CLIP features of "
+                                 f"{self.emb_pos.shape[1]} tokens, got {clip_feature.shape[1]}")
+            clip_feature = clip_feature + self.emb_pos.to(clip_feature.dtype)
+        return self.proj(clip_feature)
+
+
+class WanDiT(nn.Module):
+    """Wan 2.1 DiT: ``dit(x, timestep, context, clip_feature=..., y=...) -> [B, out_dim, F, H, W]``."""
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(c.dim, c.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.num_layers))
+        self.head = Head(c)
+        if c.image_input:
+            self.img_emb = ImageEmbedding(c.clip_dim, c.dim, 514 if c.image_pos_emb else 0)
+        if c.ref_conv:
+            self.ref_conv = nn.Conv2d(c.out_dim, c.dim, kernel_size=c.patch_size[1:], stride=c.patch_size[1:])
+        if c.camera_in_dim is not None:
+            self.control_adapter = CameraAdapter(c.camera_in_dim, c.dim, c.patch_size[1:])
+        if c.vace_layers:
+            self.vace_blocks = nn.ModuleList(VaceBlock(c, first=i == 0) for i in range(len(c.vace_layers)))
+            self.vace_patch_embedding = nn.Conv3d(c.vace_in_dim, c.dim, kernel_size=c.patch_size,
+                                                  stride=c.patch_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    # -- stages, public so that pipelines (caching, sequence parallel) can compose them ----------
+
+    def embed_time(self, timestep: torch.Tensor,
+                   motion_embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(e [B, dim], e0 [B, 6, dim])`` in float32; ``motion_embedding`` offsets ``e0`` only."""
+        t = sinusoid(timestep.reshape(-1), self.config.freq_dim)
+        e = self.time_embedding(t.to(self.dtype)).float()
+        e0 = self.time_projection(e.to(self.dtype)).float().unflatten(1, (6, self.config.dim))
+        if motion_embedding is not None:
+            e0 = e0 + motion_embedding.float().unflatten(1, (6, self.config.dim))
+        return e, e0
+
+    def embed_context(self, context: torch.Tensor, clip_feature: torch.Tensor | None) -> torch.Tensor:
+        """Text tokens, with the CLIP image tokens prepended on image models."""
+        context = self.text_embedding(context.to(self.dtype))
+        if clip_feature is None:
+            return context
+        return torch.cat([self.img_emb(clip_feature.to(self.dtype)), context], dim=1)
+
+    def embed_video(self, x: torch.Tensor, camera: torch.Tensor | None = None,
+                    reference_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int, int], int]:
+        """Patch tokens ``[B, L, dim]`` (float32), the token grid and how many reference tokens lead."""
+        tokens = self.patch_embedding(x.to(self.dtype))
+        if camera is not None:
+            tokens = tokens + self.control_adapter(camera.to(self.dtype))
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2).float()
+        n_ref = 0
+        if reference_latents is not None:
+            ref = self.ref_conv(reference_latents[:, :, 0].to(self.dtype)).flatten(2).transpose(1, 2)
+            n_ref = ref.shape[1]
+            tokens = torch.cat([ref.float(), tokens], dim=1)
+            grid = (grid[0] + 1, *grid[1:])
+        return tokens, grid, n_ref
+
+    def vace_hints(self, tokens: torch.Tensor, vace_context: torch.Tensor, e0: torch.Tensor,
+                   context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """One hint per VACE block, added after main block ``vace_layers[n]``."""
+        c = self.vace_patch_embedding(vace_context.to(self.dtype)).flatten(2).transpose(1, 2).float()
+        hints = []
+        for block in self.vace_blocks:
+            c, hint = block(c, tokens, e0, context, rope)
+            hints.append(hint)
+        return hints
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[B, F*H*W, out*pt*ph*pw]`` -> ``[B, out, F*pt, H*ph, W*pw]``."""
+        (f, h, w), (pt, ph, pw) = grid, self.config.patch_size
+        x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, self.config.out_dim)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(tokens.shape[0], -1, f * pt, h * ph, w * pw)
+
+    # -- the whole forward ------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        clip_feature: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        reference_latents: torch.Tensor | None = None,
+        camera: torch.Tensor | None = None,
+        vace_context: torch.Tensor | None = None,
+        vace_scale: float = 1.0,
+        motion_embedding: torch.Tensor | None = None,
+        image_attention_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity for latents ``x [B, C, F, H, W]`` at ``timestep [B]`` (0..1000).
+
+        ``context [B, L, text_dim]`` (padded rows are attended, as in the reference);
+        ``clip_feature [B, 257*k, clip_dim]`` and ``y`` (concatenated to ``x`` on channels) for image
+        models; ``reference_latents [B, 16, 1, H, W]`` (Fun V1.1), ``camera [B, 24, F, 8H, 8W]``
+        (Control-Camera), ``vace_context [B, 96, F, H, W]`` with ``vace_scale`` (VACE),
+        ``motion_embedding [B, 6*dim]`` (speed control). ``image_attention_tokens`` caps how many
+        CLIP tokens go to the image attention: ``None`` = all (official FLF2V), 257 = DiffSynth's FLF2V.
+        Returns float32 ``[B, out_dim, F, H, W]``.
+        """
+        self._check_inputs(x, timestep, context, clip_feature, y, reference_latents, camera, vace_context)
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        e, e0 = self.embed_time(timestep, motion_embedding)
+        context = self.embed_context(context, clip_feature)
+        image_tokens = 0 if clip_feature is None else clip_feature.shape[1]
+        if image_attention_tokens is not None:
+            image_tokens = min(image_tokens, image_attention_tokens)
+        tokens, grid, n_ref = self.embed_video(x, camera, reference_latents)
+        rope = rope_tables(self.config.head_dim, grid, tokens.device)
+        hints = self.vace_hints(tokens, vace_context, e0, context, rope) if vace_context is not None else None
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, context, rope, image_tokens)
+            if hints is not None and i in self.config.vace_layers:
+                tokens = tokens + hints[self.config.vace_layers.index(i)] * vace_scale
+        out = self.head(tokens[:, n_ref:], e)
+        return self.unpatchify(out, (grid[0] - (1 if n_ref else 0), *grid[1:])).float()
+
+    def _check_inputs(self, x, timestep, context, clip_feature, y, reference_latents, camera, vace_context) -> None:
+        c = self.config
+        if x.ndim != 5:
+            raise ValueError(f"x must be [B, C, F, H, W] latents, got shape {tuple(x.shape)}")
+        channels = x.shape[1] + (0 if y is None else y.shape[1])
+        if channels != c.in_dim:
+            raise ValueError(f"x ({x.shape[1]} channels) + y ({0 if y is None else y.shape[1]}) = {channels} "
+                             f"channels, but this {c.variant} model takes in_dim={c.in_dim}")
+        pt, ph, pw = c.patch_size
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch {c.patch_size}")
+        if timestep.numel() not in (1, x.shape[0]):
+            raise ValueError(f"timestep has {timestep.numel()} values for a batch of {x.shape[0]}")
+        if context.ndim != 3 or context.shape[-1] != c.text_dim:
+            raise ValueError(f"context must be [B, L, {c.text_dim}], got {tuple(context.shape)}")
+        if (clip_feature is None) == c.image_input:
+            raise ValueError("this model needs clip_feature" if c.image_input
+                             else "clip_feature given, but this model has no image input")
+        for name, value, supported in (("reference_latents", reference_latents, c.ref_conv),
+                                       ("camera", camera, c.camera_in_dim is not None),
+                                       ("vace_context", vace_context, bool(c.vace_layers))):
+            if value is not None and not supported:
+                raise ValueError(f"{name} given, but this {c.variant} model has no input for it")

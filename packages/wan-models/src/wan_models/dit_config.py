@@ -1,0 +1,141 @@
+"""Configuration of the Wan 2.1 diffusion transformer and its variants, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CLIP_TOKENS_PER_IMAGE = 257
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Sizes and optional parts of one DiT; defaults are Wan2.1-T2V-1.3B.
+
+    ``image_input`` adds the CLIP image branch (``img_emb``, ``k_img``/``v_img``), ``image_pos_emb``
+    the first+last-frame position table (FLF2V), ``ref_conv`` the Fun V1.1 reference-image conv,
+    ``camera_in_dim`` the Fun Control-Camera adapter, ``vace_layers`` the VACE hint blocks.
+    """
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    image_input: bool = False
+    image_pos_emb: bool = False
+    clip_dim: int = 1280
+    ref_conv: bool = False
+    camera_in_dim: int | None = None
+    vace_layers: tuple[int, ...] = field(default=())
+    vace_in_dim: int = 96
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        object.__setattr__(self, "vace_layers", tuple(self.vace_layers))
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.num_heads} must be even for RoPE")
+        if self.image_pos_emb and not self.image_input:
+            raise ValueError("image_pos_emb (FLF2V) needs image_input=True")
+        bad = [i for i in self.vace_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"vace_layers {bad} outside 0..{self.num_layers - 1}")
+        if self.vace_layers and 0 not in self.vace_layers:
+            raise ValueError(f"vace_layers must include layer 0, got {list(self.vace_layers)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def variant(self) -> str:
+        """Short label of the architecture variant (for logs and tables)."""
+        if self.vace_layers:
+            return "vace"
+        if self.camera_in_dim is not None:
+            return "fun-camera"
+        if self.ref_conv:
+            return "fun-v1.1-control"
+        if self.image_pos_emb:
+            return "flf2v"
+        if self.image_input:
+            return "i2v" if self.in_dim == 36 else "fun-control" if self.in_dim == 48 else "image-input"
+        return "t2v"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> "DiTConfig":
+        return DiTConfig(**{**self.to_dict(), **changes})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_official(cls, kwargs: dict[str, Any], clip_dim: int = 1280) -> "DiTConfig":
+        """From the official ``WanModel``/``VaceWanModel`` kwargs (the released ``config.json``)."""
+        kw = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+        model_type = kw.pop("model_type", "t2v")
+        if model_type not in ("t2v", "i2v", "flf2v", "vace"):
+            raise ValueError(f"unknown official model_type {model_type!r}; expected t2v, i2v, flf2v or vace")
+        window = tuple(kw.pop("window_size", (-1, -1)))
+        if window != (-1, -1):
+            raise ValueError(f"local attention window {window} is not used by any released model")
+        num_layers = kw.get("num_layers", 32)
+        vace_layers = kw.pop("vace_layers", None)
+        if model_type == "vace" and vace_layers is None:
+            vace_layers = list(range(0, num_layers, 2))
+        vace_in_dim = kw.pop("vace_in_dim", None)
+        return cls(
+            **{k: kw[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim",
+                                  "text_dim", "text_len", "freq_dim", "patch_size", "eps", "qk_norm",
+                                  "cross_attn_norm") if k in kw},
+            image_input=model_type in ("i2v", "flf2v"),
+            image_pos_emb=model_type == "flf2v",
+            clip_dim=clip_dim,
+            vace_layers=tuple(vace_layers or ()),
+            vace_in_dim=96 if vace_in_dim is None else vace_in_dim,
+        )
+
+    @classmethod
+    def from_diffsynth(cls, kwargs: dict[str, Any], clip_dim: int = 1280,
+                       vace: dict[str, Any] | None = None) -> "DiTConfig":
+        """From DiffSynth ``WanModel`` kwargs (plus its separate ``VaceWanModel`` kwargs, if any)."""
+        unsupported = {k: kwargs[k] for k in ("seperated_timestep", "fuse_vae_embedding_in_latents")
+                       if kwargs.get(k)}
+        if unsupported:
+            raise ValueError(f"{unsupported} belong to Wan 2.2 models, which are not Wan 2.1 DiTs")
+        return cls(
+            **{k: kwargs[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim",
+                                      "text_dim", "freq_dim", "patch_size", "eps") if k in kwargs},
+            image_input=kwargs.get("has_image_input", False),
+            image_pos_emb=kwargs.get("has_image_pos_emb", False),
+            clip_dim=clip_dim,
+            ref_conv=kwargs.get("has_ref_conv", False),
+            camera_in_dim=kwargs.get("in_dim_control_adapter", 24) if kwargs.get("add_control_adapter") else None,
+            vace_layers=tuple((vace or {}).get("vace_layers", ())),
+            vace_in_dim=(vace or {}).get("vace_in_dim", 96),
+        )
+
+
+@dataclass(frozen=True)
+class MotionControllerConfig:
+    """Speed-control motion controller: sinusoid of the motion bucket id -> 6*dim modulation offset."""
+
+    freq_dim: int = 256
+    dim: int = 1536
