@@ -1,11 +1,20 @@
-"""Wan 2.1 networks as plain torch modules, exact to the released checkpoints."""
+"""Wan 2.1 networks as plain torch modules, exact to the released checkpoints.
 
+``load_model(path)`` reads any released network file (DiT, VAE, umT5, CLIP, motion controller),
+detects what it holds from its keys and shapes, builds it on ``meta`` and assigns the weights.
+"""
+
+from . import loading
 from .attention import attention, get_attention_backend, set_attention_backend
+from .configs import MODELS, ModelSpec, get_model_spec
+from .detect import detect_config, detect_network
 from .dit import WanDiT
 from .dit_config import DiTConfig, MotionControllerConfig
+from .loading import CheckpointError, load_model, read_state_dict
 from .motion_controller import MotionController
 
 __all__ = [
-    "DiTConfig", "MotionController", "MotionControllerConfig", "WanDiT",
-    "attention", "get_attention_backend", "set_attention_backend",
+    "MODELS", "CheckpointError", "DiTConfig", "ModelSpec", "MotionController", "MotionControllerConfig",
+    "WanDiT", "attention", "detect_config", "detect_network", "get_attention_backend", "get_model_spec",
+    "load_model", "loading", "read_state_dict", "set_attention_backend",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 CLIP_TOKENS_PER_IMAGE = 257
 
@@ -139,3 +140,62 @@ class MotionControllerConfig:
 
     freq_dim: int = 256
     dim: int = 1536
+
+
+def _count_indexed(keys: Iterable[str], prefix: str) -> int:
+    """Number of ``prefix.N.`` entries (N = 0, 1, ...) among ``keys``."""
+    indices = {int(k[len(prefix) + 1:].split(".", 1)[0]) for k in keys if k.startswith(prefix + ".")}
+    if indices != set(range(len(indices))):
+        raise ValueError(f"{prefix}.N keys are not numbered 0..{len(indices) - 1}: {sorted(indices)[:10]}")
+    return len(indices)
+
+
+def dit_config_from_state_dict(sd: Mapping[str, Any], num_heads: int | None = None,
+                               text_len: int = 512) -> DiTConfig:
+    """Infer a :class:`DiTConfig` from released key names and tensor shapes.
+
+    Heads cannot be read from shapes; every released DiT has head dim 128, which is assumed unless
+    ``num_heads`` is given (the official ``config.json`` beside a checkpoint states it). A width
+    that is no multiple of 128 falls back to a single head.
+    """
+    required = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
+                "blocks.0.ffn.0.weight", "head.head.weight"]
+    missing = [k for k in required if k not in sd]
+    if missing:
+        raise ValueError(f"not a Wan DiT state dict: missing {missing}")
+    patch = sd["patch_embedding.weight"].shape
+    dim, in_dim, patch_size = patch[0], patch[1], tuple(patch[2:])
+    vace_blocks = _count_indexed(sd, "vace_blocks")
+    num_layers = _count_indexed(sd, "blocks")
+    camera = sd.get("control_adapter.conv.weight")
+    clip = sd.get("img_emb.proj.0.weight")
+    return DiTConfig(
+        dim=dim,
+        in_dim=in_dim,
+        patch_size=patch_size,
+        ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
+        num_heads=num_heads or (dim // 128 if dim % 128 == 0 else 1),
+        text_len=text_len,
+        num_layers=num_layers,
+        out_dim=sd["head.head.weight"].shape[0] // math.prod(patch_size),
+        text_dim=sd["text_embedding.0.weight"].shape[1],
+        freq_dim=sd["time_embedding.0.weight"].shape[1],
+        qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
+        image_input=clip is not None,
+        image_pos_emb="img_emb.emb_pos" in sd,
+        clip_dim=clip.shape[0] if clip is not None else 1280,
+        ref_conv="ref_conv.weight" in sd,
+        camera_in_dim=camera.shape[1] // 64 if camera is not None else None,
+        # Released VACE files place their blocks evenly from layer 0 (every 2nd of 30, every 5th of 40).
+        vace_layers=tuple(range(0, num_layers, num_layers // vace_blocks))[:vace_blocks] if vace_blocks else (),
+        vace_in_dim=sd["vace_patch_embedding.weight"].shape[1] if vace_blocks else 96,
+    )
+
+
+def motion_controller_config_from_state_dict(sd: Mapping[str, Any]) -> MotionControllerConfig:
+    """Sizes of a speed-control motion controller from its ``linear.{0,2,4}`` weights."""
+    if sorted(sd) != sorted(f"linear.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")):
+        raise ValueError(f"not a motion controller state dict: keys {sorted(sd)[:8]}")
+    freq_dim = sd["linear.0.weight"].shape[1]
+    return MotionControllerConfig(freq_dim=freq_dim, dim=sd["linear.0.weight"].shape[0])

@@ -1,0 +1,162 @@
+"""Checkpoint files -> state dict -> network built on ``meta`` -> weights assigned in place.
+
+Tensors come memory-mapped from the files (safetensors, or ``torch.load(mmap=True,
+weights_only=True)``) and become the module's parameters directly, so a checkpoint is never held
+twice; a dtype or device change converts one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .detect import detect_network
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | Path
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or that does not fit the network asked for."""
+
+
+def checkpoint_files(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """The files of one checkpoint: a file, a list of shards, or a folder of ``*.safetensors`` shards."""
+    paths = [Path(p) for p in ([path_or_paths] if isinstance(path_or_paths, (str, Path)) else path_or_paths)]
+    if not paths:
+        raise CheckpointError("no checkpoint file given")
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            shards = sorted(path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(f"{path} is a folder without any .safetensors file")
+            files.extend(shards)
+        elif not path.is_file():
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        else:
+            files.append(path)
+    return files
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            logger.warning("%s uses the legacy torch.save format, which cannot be memory-mapped; "
+                           "reading it whole", path)
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused to unpickle; the file holds more than tensors, which could run "
+                              f"code ({first})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    return data
+
+
+def read_state_dict(path_or_paths: PathLike | Sequence[PathLike]) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint (shards merged), memory-mapped rather than copied."""
+    state: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(path_or_paths):
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            part = _read_safetensors(path)
+        elif path.suffix in PICKLE_SUFFIXES:
+            part = _read_pickle(path)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected "
+                                  f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
+        clash = state.keys() & part.keys()
+        if clash:
+            raise CheckpointError(f"{path}: keys also present in another shard, e.g. {sorted(clash)[:3]}")
+        state.update(part)
+    return state
+
+
+def _listing(keys: Iterable[str], limit: int = 10) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` listing missing and unexpected keys and shape mismatches."""
+    expected = module.state_dict()
+    missing, unexpected = expected.keys() - sd.keys(), sd.keys() - expected.keys()
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in expected.keys() & sd.keys() if sd[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches: {'; '.join(sorted(wrong)[:10])}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + " | ".join(problems))
+
+
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu", source: str = "checkpoint") -> nn.Module:
+    """Assign ``sd`` (strictly checked) as the parameters of a ``meta``-built ``module``.
+
+    Floating tensors are cast to ``dtype`` when given; ``sd`` is emptied as tensors move into place.
+    """
+    check_state_dict(module, sd, source)
+    for key in list(sd):
+        tensor = sd.pop(key)
+        target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        sd[key] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(sd, strict=True, assign=True)
+    sd.clear()
+    return module.eval()
+
+
+def _official_config_json(files: list[Path]) -> dict[str, Any]:
+    """The official ``config.json`` beside a DiT checkpoint, when there is one."""
+    path = files[0].parent / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """Load any released Wan 2.1 network file (or shards); the network is detected from its keys."""
+    files = checkpoint_files(path_or_paths)
+    source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    sd = read_state_dict(files)
+    network = detect_network(sd)
+    sd = network.module_keys(sd)
+    hints = {}
+    if network.name == "dit":
+        official = _official_config_json(files)
+        hints = {k: official[k] for k in ("num_heads", "text_len") if k in official}
+    config = network.config_from_state_dict(sd, **hints)
+    with torch.device("meta"):
+        module = network.module(config)
+    logger.info("loading %s (%s) from %s", type(module).__name__, getattr(config, "variant", network.name), source)
+    return load_into(module, sd, dtype=dtype, device=device, source=source)

@@ -1,0 +1,36 @@
+"""Tiny random networks and inputs shared by the tests of every package."""
+
+from __future__ import annotations
+
+import torch
+
+from wan_models import DiTConfig, WanDiT
+
+TINY_DIT = DiTConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=24, freq_dim=16, text_len=8)
+
+
+def random_weights(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random, non-zero values for every tensor of ``module`` (which may be meta-built)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) * scale for k, v in module.state_dict().items()}
+
+
+def meta_dit(config: DiTConfig = TINY_DIT) -> WanDiT:
+    with torch.device("meta"):
+        return WanDiT(config)
+
+
+def random_dit(config: DiTConfig = TINY_DIT, seed: int = 0) -> WanDiT:
+    model = meta_dit(config)
+    model.load_state_dict(random_weights(model, seed), assign=True)
+    return model.eval()
+
+
+def dit_inputs(config: DiTConfig = TINY_DIT, batch: int = 1, seed: int = 1,
+               grid: tuple[int, int, int] = (3, 4, 6)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, timestep, context)`` of fresh random values for a DiT of ``config``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_dim, *grid, generator=gen)
+    t = torch.rand(batch, generator=gen) * 1000
+    ctx = torch.randn(batch, config.text_len, config.text_dim, generator=gen)
+    return x, t, ctx
