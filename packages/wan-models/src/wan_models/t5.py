@@ -116,7 +116,8 @@ class T5Attention(nn.Module):
         self.o = nn.Linear(cfg.dim_attn, cfg.dim, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos_bias: torch.Tensor,
+                mask_bias: torch.Tensor | None) -> torch.Tensor:
         b, n, h = x.size(0), x.size(1), self.num_heads
         q, k, v = (proj(x).view(b, n, h, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
         # Explicit matmuls rather than SDPA: the reference adds the bias to unscaled logits in the
@@ -131,12 +132,23 @@ class T5Attention(nn.Module):
         return self.dropout(self.o(out))
 
 
+class GELUTanh(nn.Module):
+    """Tanh-approximated GELU written out as the reference does ("gelu_new").
+
+    ``F.gelu(approximate="tanh")`` is the same function but rounds differently (by an ulp in
+    float32, more in bfloat16, where every step of this expression is rounded).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 class T5FeedForward(nn.Module):
     """Gated feed-forward ``fc2(fc1(x) * gelu_tanh(gate(x)))``."""
 
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
-        self.gate = nn.Sequential(nn.Linear(cfg.dim, cfg.dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.gate = nn.Sequential(nn.Linear(cfg.dim, cfg.dim_ffn, bias=False), GELUTanh())
         self.fc1 = nn.Linear(cfg.dim, cfg.dim_ffn, bias=False)
         self.fc2 = nn.Linear(cfg.dim_ffn, cfg.dim, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
