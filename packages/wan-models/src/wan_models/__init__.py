@@ -5,7 +5,7 @@ detects what it holds from its keys and shapes, builds it on ``meta`` and assign
 """
 
 from . import loading
-from .attention import attention, get_attention_backend, set_attention_backend
+from .attention import get_attention_backend, set_attention_backend
 from .configs import MODELS, ModelSpec, get_model_spec
 from .detect import detect_config, detect_network
 from .dit import WanDiT
@@ -15,6 +15,6 @@ from .motion_controller import MotionController
 
 __all__ = [
     "MODELS", "CheckpointError", "DiTConfig", "ModelSpec", "MotionController", "MotionControllerConfig",
-    "WanDiT", "attention", "detect_config", "detect_network", "get_attention_backend", "get_model_spec",
+    "WanDiT", "detect_config", "detect_network", "get_attention_backend", "get_model_spec",
     "load_model", "loading", "read_state_dict", "set_attention_backend",
 ]
