@@ -15,7 +15,8 @@ def _euler(case: ParityCase) -> FlowEulerScheduler:
     """The scheduler as WanVideoPipeline builds it (sigma_min 0 and extra_one_step are built in)."""
     cfg = case.config
     assert cfg.get("sigma_min", 0.0) == 0.0 and cfg.get("sigma_max", 1.0) == 1.0, cfg
-    assert cfg.get("extra_one_step", True) and not cfg.get("inverse_timesteps") and not cfg.get("reverse_sigmas")
+    assert cfg.get("extra_one_step", True), cfg
+    assert not cfg.get("inverse_timesteps") and not cfg.get("reverse_sigmas"), cfg
     return FlowEulerScheduler(shift=cfg["shift"], num_train_timesteps=cfg["num_train_timesteps"])
 
 

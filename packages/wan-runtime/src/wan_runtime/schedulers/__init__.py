@@ -22,7 +22,8 @@ SCHEDULERS: dict[str, type] = {
 
 
 def make_scheduler(name: str, **kwargs: Any) -> Scheduler:
-    """A new scheduler by sampler name; ``kwargs`` go to its constructor (``shift``, ``num_train_timesteps``)."""
+    """A new scheduler by sampler name; ``kwargs`` go to its constructor
+    (``shift``, ``num_train_timesteps``)."""
     try:
         cls = SCHEDULERS[name]
     except (KeyError, TypeError):

@@ -54,8 +54,8 @@ class FlowEulerScheduler:
         self._training_weights = None
         if training:
             if steps != self.num_train_timesteps:
-                logger.warning("training weights assume num_inference_steps == num_train_timesteps (%d), got %d",
-                               self.num_train_timesteps, steps)
+                logger.warning("training weights assume num_inference_steps == num_train_timesteps "
+                               "(%d), got %d", self.num_train_timesteps, steps)
             self._training_weights = self._loss_weights(self.timesteps, steps)
         logger.debug("euler schedule: %d steps, shift %g, strength %g, training %s",
                      steps, shift, denoising_strength, training)

@@ -54,28 +54,30 @@ class FlowMultistepSolver:
         logger.debug("%s schedule: %d steps, shift %g", self.name, steps, shift)
 
     def _update(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """The float32 sample after step ``i`` from sample ``x`` with x0 prediction ``x0``."""
+        """The sample after step ``i``, from sample ``x`` (at least float32) and its x0 prediction ``x0``."""
         raise NotImplementedError
 
     def step(self, model_output: torch.Tensor, timestep: Timestep, sample: torch.Tensor) -> torch.Tensor:
         """Advance ``sample`` from ``timestep`` (the next entry of ``.timesteps``) to the next sigma.
 
-        The arithmetic runs in float32; the result has ``sample``'s dtype. After the last step the
-        result is the final x0 prediction.
+        The arithmetic runs in at least float32; the result has ``sample``'s dtype. After the last
+        step the result is the final x0 prediction.
         """
         steps = len(self.timesteps)
         if steps == 0:
             raise RuntimeError(f"{self.name}: no schedule yet, call set_timesteps first")
         i = self._index
         if i >= steps:
-            raise RuntimeError(f"{self.name}: all {steps} steps are done; call set_timesteps for a new generation")
+            raise RuntimeError(f"{self.name}: all {steps} steps are done; "
+                               "call set_timesteps for a new generation")
         expected = int(self.timesteps[i])
         given = as_scalar_timestep(timestep)
         if float(given) != expected:
-            raise ValueError(f"{self.name}: step {i} of {steps} expects timestep {expected}, got {given.item()!r} "
-                             "(steps must follow .timesteps in order)")
-        x = sample.float()
-        x0 = x - self.sigmas[i] * model_output.float()
+            raise ValueError(f"{self.name}: step {i} of {steps} expects timestep {expected}, "
+                             f"got {given.item()!r} (steps must follow .timesteps in order)")
+        dtype = torch.promote_types(sample.dtype, torch.float32)  # half precision runs in float32
+        x = sample.to(dtype)
+        x0 = x - self.sigmas[i] * model_output.to(dtype)
         out = self._update(i, x, x0)
         self._index += 1
         return out.to(sample.dtype)

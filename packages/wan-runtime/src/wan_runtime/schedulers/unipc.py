@@ -32,6 +32,8 @@ class FlowUniPCScheduler(FlowMultistepSolver):
         self._last_order = 0
 
     def _update(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Correct ``x`` with the new ``x0`` (from the 2nd step on), then predict with order
+        ``min(2, i + 1, steps left)``; the corrected sample and that order feed the next correction."""
         if i > 0:
             x = self._correct(i, x0)
         self._x0_history = (self._x0_history + [x0])[-self.order:]
