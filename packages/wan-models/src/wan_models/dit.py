@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .attention import attention
 from .dit_config import DiTConfig
 from .dit_extras import CameraAdapter
-from .rope import apply_rope, rope_tables
+from .rope import rope_tables
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -37,9 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight
+        return ops.get_op("rms_norm")(x, self.weight, self.eps)
 
 
 def layer_norm32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -58,9 +57,9 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
+        heads, rotate = (self.num_heads, -1), ops.get_op("apply_rope")
+        q = rotate(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
+        k = rotate(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
         v = self.v(x).unflatten(-1, heads)
         return self.o(attention(q, k, v).flatten(-2))
 
@@ -114,14 +113,13 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], image_tokens: int = 0) -> torch.Tensor:
         """``x [B, L, dim]`` float32 residual stream, ``e0 [B, 6, dim]`` float32 time modulation."""
-        dtype = self.ffn[0].weight.dtype
+        dtype, eps = self.ffn[0].weight.dtype, self.norm1.eps
+        modulate, gated_residual = ops.get_op("modulate"), ops.get_op("gated_residual")
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        h = layer_norm32(x, self.norm1) * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(dtype), rope) * gate1
+        x = gated_residual(x, self.self_attn(modulate(x, shift1, scale1, eps).to(dtype), rope), gate1)
         h = layer_norm32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
         x = x + self.cross_attn(h.to(dtype), context, image_tokens)
-        h = layer_norm32(x, self.norm2) * (1 + scale2) + shift2
-        return x + self.ffn(h.to(dtype)) * gate2
+        return gated_residual(x, self.ffn(modulate(x, shift2, scale2, eps).to(dtype)), gate2)
 
 
 class VaceBlock(DiTBlock):
@@ -155,7 +153,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
-        h = layer_norm32(x, self.norm) * (1 + scale) + shift
+        h = ops.get_op("modulate")(x, shift, scale, self.norm.eps)
         return self.head(h.to(self.head.weight.dtype))
 
 

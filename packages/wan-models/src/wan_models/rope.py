@@ -2,7 +2,7 @@
 
 Head dim ``d`` is split into ``d - 4*(d//6)`` frame channels and ``2*(d//6)`` each for height and
 width; adjacent channel pairs are rotated (theta 10000). Angles are computed once per grid in
-float64 and stored as float32 cos/sin tables shared by every block.
+float64 and stored as float32 cos/sin tables shared by every block; ``ops.apply_rope`` rotates.
 """
 
 from __future__ import annotations
@@ -45,11 +45,3 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device 
     f, h, w = grid
     cos, sin = _tables(head_dim, f, h, w, theta)
     return cos.to(device), sin.to(device)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x [B, L, H, D]`` (computed in float32, returned in x's dtype)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs.unbind(-1)
-    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)

@@ -1,0 +1,55 @@
+"""Elementwise pieces of the DiT that kernel packages may replace with fused versions.
+
+The torch versions here are the reference. ``wan_kernels`` (or a researcher's package) swaps one in
+with :func:`set_op`, which returns the previous function so it can be put back. Every op must
+match its reference within float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm over the last dim computed in float32, cast back to ``x``'s dtype, then scaled."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs of ``x [B, L, H, D]`` by tables ``[L, 1, D/2]`` (float32 math)."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32 (no affine); ``shift/scale [B, 1, C]``."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + y * gate`` with the float32 residual ``x``; ``gate [B, 1, C]``."""
+    return x + y * gate
+
+
+DEFAULTS: dict[str, Callable] = {
+    "rms_norm": rms_norm, "apply_rope": apply_rope, "modulate": modulate, "gated_residual": gated_residual,
+}
+_active: dict[str, Callable] = dict(DEFAULTS)
+
+
+def get_op(name: str) -> Callable:
+    """The implementation of op ``name`` that the networks currently call."""
+    return _active[name]
+
+
+def set_op(name: str, fn: Callable | None) -> Callable:
+    """Install ``fn`` for op ``name`` (``None`` restores the torch reference); returns the previous one."""
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown op {name!r}; replaceable ops: {', '.join(DEFAULTS)}")
+    previous, _active[name] = _active[name], fn or DEFAULTS[name]
+    return previous
