@@ -8,13 +8,13 @@ from . import loading
 from .attention import get_attention_backend, set_attention_backend
 from .configs import MODELS, ModelSpec, get_model_spec
 from .detect import detect_config, detect_network
-from .dit import WanDiT
+from .dit import DiTInputs, WanDiT
 from .dit_config import DiTConfig, MotionControllerConfig
 from .loading import CheckpointError, load_model, read_state_dict
 from .motion_controller import MotionController
 
 __all__ = [
-    "MODELS", "CheckpointError", "DiTConfig", "ModelSpec", "MotionController", "MotionControllerConfig",
+    "MODELS", "CheckpointError", "DiTConfig", "DiTInputs", "ModelSpec", "MotionController", "MotionControllerConfig",
     "WanDiT", "detect_config", "detect_network", "get_attention_backend", "get_model_spec",
     "load_model", "loading", "read_state_dict", "set_attention_backend",
 ]

@@ -9,6 +9,8 @@ float32, as in the reference; linear layers run in the weights' dtype.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +181,25 @@ class ImageEmbedding(nn.Module):
         return self.proj(clip_feature)
 
 
+@dataclass
+class DiTInputs:
+    """The DiT's state between :meth:`WanDiT.prepare` and :meth:`WanDiT.finish`.
+
+    Pipelines use it to skip blocks (step caching) or split ``tokens`` across ranks (sequence parallel).
+    """
+
+    tokens: torch.Tensor                          # [B, L, dim] float32 (reference tokens first)
+    e: torch.Tensor                               # [B, dim] time embedding (head)
+    e0: torch.Tensor                              # [B, 6, dim] block modulation
+    context: torch.Tensor                         # [B, L_ctx, dim] (image tokens first)
+    rope: tuple[torch.Tensor, torch.Tensor]       # cos, sin [L, 1, head_dim/2]
+    image_tokens: int
+    grid: tuple[int, int, int]
+    n_ref: int
+    hints: list[torch.Tensor] | None
+    vace_scale: float
+
+
 class WanDiT(nn.Module):
     """Wan 2.1 DiT: ``dit(x, timestep, context, clip_feature=..., y=...) -> [B, out_dim, F, H, W]``."""
 
@@ -261,7 +282,7 @@ class WanDiT(nn.Module):
 
     # -- the whole forward ------------------------------------------------------------------------
 
-    def forward(
+    def prepare(
         self,
         x: torch.Tensor,
         timestep: torch.Tensor,
@@ -275,17 +296,8 @@ class WanDiT(nn.Module):
         vace_scale: float = 1.0,
         motion_embedding: torch.Tensor | None = None,
         image_attention_tokens: int | None = None,
-    ) -> torch.Tensor:
-        """Predict the flow velocity for latents ``x [B, C, F, H, W]`` at ``timestep [B]`` (0..1000).
-
-        ``context [B, L, text_dim]`` (padded rows are attended, as in the reference);
-        ``clip_feature [B, 257*k, clip_dim]`` and ``y`` (concatenated to ``x`` on channels) for image
-        models; ``reference_latents [B, 16, 1, H, W]`` (Fun V1.1), ``camera [B, 24, F, 8H, 8W]``
-        (Control-Camera), ``vace_context [B, 96, F, H, W]`` with ``vace_scale`` (VACE),
-        ``motion_embedding [B, 6*dim]`` (speed control). ``image_attention_tokens`` caps how many
-        CLIP tokens go to the image attention: ``None`` = all (official FLF2V), 257 = DiffSynth's FLF2V.
-        Returns float32 ``[B, out_dim, F, H, W]``.
-        """
+    ) -> "DiTInputs":
+        """Everything before the blocks: embeddings, RoPE tables and VACE hints (see :meth:`forward`)."""
         self._check_inputs(x, timestep, context, clip_feature, y, reference_latents, camera, vace_context)
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)
@@ -297,12 +309,37 @@ class WanDiT(nn.Module):
         tokens, grid, n_ref = self.embed_video(x, camera, reference_latents)
         rope = rope_tables(self.config.head_dim, grid, tokens.device)
         hints = self.vace_hints(tokens, vace_context, e0, context, rope) if vace_context is not None else None
+        return DiTInputs(tokens, e, e0, context, rope, image_tokens, grid, n_ref, hints, vace_scale)
+
+    def run_blocks(self, inputs: "DiTInputs", tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer blocks (with VACE hints added after their layers) on ``tokens``."""
+        tokens = inputs.tokens if tokens is None else tokens
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, context, rope, image_tokens)
-            if hints is not None and i in self.config.vace_layers:
-                tokens = tokens + hints[self.config.vace_layers.index(i)] * vace_scale
-        out = self.head(tokens[:, n_ref:], e)
-        return self.unpatchify(out, (grid[0] - (1 if n_ref else 0), *grid[1:])).float()
+            tokens = block(tokens, inputs.e0, inputs.context, inputs.rope, inputs.image_tokens)
+            if inputs.hints is not None and i in self.config.vace_layers:
+                tokens = tokens + inputs.hints[self.config.vace_layers.index(i)] * inputs.vace_scale
+        return tokens
+
+    def finish(self, tokens: torch.Tensor, inputs: "DiTInputs") -> torch.Tensor:
+        """Head and unpatchify, dropping the reference-image tokens; float32 ``[B, out, F, H, W]``."""
+        f, h, w = inputs.grid
+        out = self.head(tokens[:, inputs.n_ref:], inputs.e)
+        return self.unpatchify(out, (f - (1 if inputs.n_ref else 0), h, w)).float()
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                **inputs: Any) -> torch.Tensor:
+        """Predict the flow velocity for latents ``x [B, C, F, H, W]`` at ``timestep [B]`` (0..1000).
+
+        ``context [B, L, text_dim]`` (padded rows are attended, as in the reference). Keyword inputs:
+        ``clip_feature [B, 257*k, clip_dim]`` and ``y`` (concatenated to ``x`` on channels) for image
+        models; ``reference_latents [B, 16, 1, H, W]`` (Fun V1.1), ``camera [B, 24, F, 8H, 8W]``
+        (Control-Camera), ``vace_context [B, 96, F, H, W]`` with ``vace_scale`` (VACE),
+        ``motion_embedding [B, 6*dim]`` (speed control). ``image_attention_tokens`` caps how many
+        CLIP tokens go to the image attention: ``None`` = all (official FLF2V), 257 = DiffSynth's FLF2V.
+        Returns float32 ``[B, out_dim, F, H, W]``.
+        """
+        prepared = self.prepare(x, timestep, context, **inputs)
+        return self.finish(self.run_blocks(prepared), prepared)
 
     def _check_inputs(self, x, timestep, context, clip_feature, y, reference_latents, camera, vace_context) -> None:
         c = self.config
