@@ -1,8 +1,10 @@
-"""Wan 2.1 inference runtime built on the ``wan_models`` networks.
+"""Wan 2.1 inference on top of the ``wan_models`` networks: pipeline, samplers, caching.
 
-So far this package provides the samplers; see :mod:`wan_runtime.schedulers`.
+``from wan_runtime import WanVideoPipeline, ModelConfig, save_video`` mirrors the seed's API.
 """
 
+from wan_runtime.pipeline import WanVideoPipeline
+from wan_runtime.request import GenerationRequest
 from wan_runtime.schedulers import (
     FlowDPMPPScheduler,
     FlowEulerScheduler,
@@ -15,6 +17,8 @@ __all__ = [
     "FlowDPMPPScheduler",
     "FlowEulerScheduler",
     "FlowUniPCScheduler",
+    "GenerationRequest",
     "Scheduler",
+    "WanVideoPipeline",
     "make_scheduler",
 ]

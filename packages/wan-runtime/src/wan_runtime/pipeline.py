@@ -1,0 +1,201 @@
+"""``WanVideoPipeline``: load the networks, run the conditioning units, denoise, decode.
+
+The call is thin: a :class:`GenerationRequest` is validated, each unit in :data:`UNITS` adds its
+conditioning, the sampler steps the latents with classifier-free guidance, and the VAE decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import wan_models
+
+from .caching import TeaCache
+from .denoise import predict, predict_windows
+from .images import tensor_to_frames
+from .request import GenerationRequest
+from .schedulers import make_scheduler
+from .units import Conditioning, Unit, noise, prompt, speed
+
+logger = logging.getLogger(__name__)
+
+# Order matters: later units read what earlier ones wrote (e.g. Fun control reuses the image latents).
+UNITS: list[Unit] = [
+    noise.initial_noise,
+    noise.input_video,
+    prompt.prompt,
+    speed.motion_bucket,
+]
+
+NETWORK_SLOTS = {"dit": "dit", "vae": "vae", "t5": "text_encoder", "clip": "image_encoder",
+                 "motion_controller": "motion_controller"}
+
+
+class WanVideoPipeline:
+    """Wan 2.1 video generation with the seed's (DiffSynth's) call signature.
+
+    Networks live in attributes ``dit``, ``vae``, ``text_encoder``, ``image_encoder``,
+    ``motion_controller`` and ``prompter`` (tokenizer + text encoder); any may be ``None`` when the
+    loaded model set does not need it.
+    """
+
+    def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16) -> None:
+        self.device = torch.device(device)
+        self.torch_dtype = torch_dtype
+        self.dit: wan_models.WanDiT | None = None
+        self.vae = None
+        self.text_encoder = None
+        self.image_encoder = None
+        self.motion_controller: wan_models.MotionController | None = None
+        self.prompter = None
+        self.scheduler = make_scheduler("euler", shift=5.0)
+        self.units: list[Unit] = list(UNITS)
+
+    # -- networks ---------------------------------------------------------------------------------
+
+    def add_model(self, module: torch.nn.Module) -> None:
+        """Put a loaded network in its slot, chosen by its type (a second DiT is an error)."""
+        name = {wan_models.WanDiT: "dit", wan_models.MotionController: "motion_controller"}.get(type(module))
+        if name is None:
+            kinds = {"WanVAE": "vae", "UMT5Encoder": "text_encoder", "CLIPVisionTower": "image_encoder"}
+            name = kinds.get(type(module).__name__)
+        if name is None:
+            raise TypeError(f"the pipeline has no slot for a {type(module).__name__}")
+        if getattr(self, name) is not None:
+            raise ValueError(f"two {name} networks given; a pipeline holds one")
+        setattr(self, name, module)
+
+    @property
+    def vae_spatial_factor(self) -> int:
+        return self.vae.config.spatial_factor if self.vae is not None else 8
+
+    @property
+    def latent_channels(self) -> int:
+        if self.vae is not None:
+            return self.vae.config.z_dim
+        return self.dit.config.out_dim
+
+    def encode_video(self, video: torch.Tensor, request: GenerationRequest, tiled: bool | None = None) -> torch.Tensor:
+        """VAE latents of ``[1, 3, T, H, W]`` pixels in [-1, 1], in the pipeline dtype."""
+        if self.vae is None:
+            raise ValueError("this input needs the VAE (Wan2.1_VAE.pth), which is not loaded")
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = self.vae.encode(video.to(device=self.device, dtype=vae_dtype),
+                                  tiled=request.tiled if tiled is None else tiled,
+                                  tile_size=request.tile_size, tile_stride=request.tile_stride)
+        return latents.to(dtype=self.torch_dtype)
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> Conditioning:
+        """Set the schedule and run every unit: the DiT inputs of the first step."""
+        if self.dit is None:
+            raise ValueError("no DiT is loaded; pass its file in model_configs")
+        self._set_schedule(request)
+        cond = Conditioning()
+        for unit in self.units:
+            unit(self, request, cond)
+        return cond
+
+    def _set_schedule(self, request: GenerationRequest) -> None:
+        self.scheduler = make_scheduler(request.sampler, shift=request.sigma_shift)
+        if request.sampler == "euler":
+            self.scheduler.set_timesteps(request.num_inference_steps, denoising_strength=request.denoising_strength,
+                                         shift=request.sigma_shift)
+        elif request.denoising_strength != 1.0:
+            raise ValueError(f"denoising_strength={request.denoising_strength} (video-to-video) needs "
+                             f"sampler='euler'; {request.sampler!r} always starts from pure noise")
+        else:
+            self.scheduler.set_timesteps(request.num_inference_steps, shift=request.sigma_shift)
+
+    def denoise(self, request: GenerationRequest, cond: Conditioning,
+                progress_bar_cmd: Callable = tqdm,
+                step_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Step the latents through the schedule with classifier-free guidance; returns final latents."""
+        branches = 2 if request.uses_cfg else 1
+        caches: list[TeaCache | None] = [None] * branches
+        if request.tea_cache_l1_thresh is not None:
+            caches = [TeaCache(len(self.scheduler.timesteps), request.tea_cache_l1_thresh,
+                               request.tea_cache_model_id) for _ in range(branches)]
+        latents = cond.latents
+        for step, t in enumerate(progress_bar_cmd(self.scheduler.timesteps)):
+            # The reference casts the timestep to the pipeline dtype (bf16 runs see rounded timesteps).
+            timestep = t.reshape(1).to(dtype=self.torch_dtype, device=self.device)
+            velocity = self._velocity(request, cond, latents, timestep, caches)
+            latents = self.scheduler.step(velocity.to(latents.dtype), t, latents)
+            if step_callback is not None:
+                step_callback(step, t, latents)
+        if caches[0] is not None:
+            self.tea_cache_skips = [cache.skipped for cache in caches]
+            logger.info("TeaCache skipped %s of %d steps (per CFG branch)",
+                        "/".join(str(sum(c.skipped)) for c in caches), len(self.scheduler.timesteps))
+        return latents[:, :, cond.leading_frames_to_drop:]
+
+    def _velocity(self, request: GenerationRequest, cond: Conditioning, latents: torch.Tensor,
+                  timestep: torch.Tensor, caches: list[TeaCache | None]) -> torch.Tensor:
+        """Guided velocity ``neg + cfg * (pos - neg)``; both branches in one batch with ``cfg_merge``."""
+        if not request.uses_cfg:
+            return self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
+        if request.cfg_merge and caches[0] is None:
+            inputs = {k: _repeat_batch(v) for k, v in cond.shared.items()}
+            inputs["context"] = torch.cat([cond.positive["context"], cond.negative["context"]])
+            positive, negative = self._predict(request, _repeat_batch(latents), timestep, inputs, None).chunk(2)
+        else:
+            positive = self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
+            negative = self._predict(request, latents, timestep, {**cond.shared, **cond.negative}, caches[1])
+        return negative + request.cfg_scale * (positive - negative)
+
+    def _predict(self, request, latents, timestep, inputs, cache) -> torch.Tensor:
+        if request.sliding_window_size is not None:
+            if cache is not None:
+                raise ValueError("TeaCache and sliding windows cannot be combined")
+            return predict_windows(self.dit, latents, timestep, inputs,
+                                   request.sliding_window_size, request.sliding_window_stride)
+        return predict(self.dit, latents, timestep, inputs, cache)
+
+    def decode(self, latents: torch.Tensor, request: GenerationRequest) -> list[Image.Image]:
+        if self.vae is None:
+            raise ValueError("decoding needs the VAE (Wan2.1_VAE.pth); pass output_type='latent' to skip it")
+        vae_dtype = next(self.vae.parameters()).dtype
+        video = self.vae.decode(latents.to(device=self.device, dtype=vae_dtype), tiled=request.tiled,
+                                tile_size=request.tile_size, tile_stride=request.tile_stride)
+        return tensor_to_frames(video)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str = "",
+        negative_prompt: str = "",
+        *,
+        progress_bar_cmd: Callable = tqdm,
+        output_type: str = "pil",
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        step_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        **kwargs: Any,
+    ) -> list[Image.Image] | torch.Tensor:
+        """Generate a video; keyword arguments are those of :class:`GenerationRequest`.
+
+        Returns PIL frames, or the final latents with ``output_type="latent"``. ``prompt_embeds``
+        stand in for the text encoder; ``step_callback(step, timestep, latents)`` sees every step.
+        """
+        if output_type not in ("pil", "latent"):
+            raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
+        unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__) - {"extra"}
+        if unknown:
+            raise TypeError(f"unknown arguments {sorted(unknown)}")
+        extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
+        cond = self.prepare(request)
+        latents = self.denoise(request, cond, progress_bar_cmd, step_callback)
+        return latents if output_type == "latent" else self.decode(latents, request)
+
+
+def _repeat_batch(value: Any) -> Any:
+    """A batch-1 tensor repeated to batch 2 (both CFG branches); other values as they are."""
+    return value.repeat(2, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,111 @@
+"""One generation call's arguments, checked and normalised before any network runs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+Frames = Sequence[Image.Image]
+DEFAULT_CAMERA_ORIGIN = (0, 0.532139961, 0.946026558, 0.5, 0.5, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0)
+
+
+def round_up(value: int, multiple: int, remainder: int = 0) -> int:
+    """Smallest ``n >= value`` with ``n % multiple == remainder``."""
+    return value + (remainder - value) % multiple
+
+
+@dataclass
+class GenerationRequest:
+    """Everything ``WanVideoPipeline.__call__`` accepts, with the reference pipeline's defaults."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    input_image: Image.Image | None = None
+    end_image: Image.Image | None = None
+    input_video: Frames | None = None
+    denoising_strength: float = 1.0
+    control_video: Frames | None = None
+    reference_image: Image.Image | None = None
+    camera_control_direction: str | None = None
+    camera_control_speed: float = 1 / 54
+    camera_control_origin: tuple[float, ...] = DEFAULT_CAMERA_ORIGIN
+    vace_video: Frames | None = None
+    vace_video_mask: Frames | None = None
+    vace_reference_image: Image.Image | None = None
+    vace_scale: float = 1.0
+    seed: int | None = None
+    rand_device: str = "cpu"
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    cfg_scale: float = 5.0
+    cfg_merge: bool = False
+    num_inference_steps: int = 50
+    sigma_shift: float = 5.0
+    sampler: str = "euler"
+    motion_bucket_id: int | None = None
+    tiled: bool = True
+    tile_size: tuple[int, int] = (30, 52)
+    tile_stride: tuple[int, int] = (15, 26)
+    sliding_window_size: int | None = None
+    sliding_window_stride: int | None = None
+    tea_cache_l1_thresh: float | None = None
+    tea_cache_model_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._check_numbers()
+        self._round_shape()
+
+    def _check_numbers(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("height", "width", "num_frames", "num_inference_steps"):
+            positive_int(name)
+        if not 0.0 <= self.denoising_strength <= 1.0:
+            raise ValueError(f"denoising_strength must be in [0, 1], got {self.denoising_strength!r}")
+        if self.sigma_shift <= 0:
+            raise ValueError(f"sigma_shift must be > 0, got {self.sigma_shift!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if (self.sliding_window_size is None) != (self.sliding_window_stride is None):
+            raise ValueError("sliding_window_size and sliding_window_stride go together; got "
+                             f"{self.sliding_window_size!r} and {self.sliding_window_stride!r}")
+        if self.sliding_window_size is not None:
+            positive_int("sliding_window_size")
+            positive_int("sliding_window_stride")
+            if self.sliding_window_stride > self.sliding_window_size:
+                raise ValueError(f"sliding_window_stride {self.sliding_window_stride} exceeds "
+                                 f"sliding_window_size {self.sliding_window_size}")
+        if self.input_video is not None and self.denoising_strength == 1.0:
+            logger.info("input_video with denoising_strength=1.0 starts from pure noise: the video only "
+                        "sets the size; lower denoising_strength to keep its content")
+
+    def _round_shape(self) -> None:
+        for name, multiple, remainder, what in (("height", 16, 0, "a multiple of 16"),
+                                                ("width", 16, 0, "a multiple of 16"),
+                                                ("num_frames", 4, 1, "of the form 4k+1")):
+            value = getattr(self, name)
+            rounded = round_up(value, multiple, remainder)
+            if rounded != value:
+                logger.warning("%s=%d is not %s; rounded up to %d", name, value, what, rounded)
+                setattr(self, name, rounded)
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.num_frames - 1) // 4 + 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+ProgressBar = Callable[[Any], Any]

@@ -1,0 +1,37 @@
+"""Pipeline units: one small function per conditioning input, run in order before denoising.
+
+A unit reads the :class:`GenerationRequest`, uses the pipeline's networks and writes what the DiT
+needs into the :class:`Conditioning`. A unit whose input is absent does nothing; an input the
+loaded models cannot use is an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+if TYPE_CHECKING:
+    from ..pipeline import WanVideoPipeline
+    from ..request import GenerationRequest
+
+
+@dataclass
+class Conditioning:
+    """What the denoising loop feeds the DiT.
+
+    ``shared`` holds DiT keyword inputs common to both CFG branches (``y``, ``clip_feature``,
+    ``reference_latents``, ``camera``, ``vace_context``, ``vace_scale``, ``motion_embedding``);
+    ``positive``/``negative`` hold the per-branch ones (``context``).
+    """
+
+    noise: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    positive: dict[str, Any] = field(default_factory=dict)
+    negative: dict[str, Any] = field(default_factory=dict)
+    leading_frames_to_drop: int = 0  # latent frames to remove before decoding (VACE reference)
+
+
+Unit = Callable[["WanVideoPipeline", "GenerationRequest", Conditioning], None]

@@ -1,0 +1,44 @@
+"""Initial latents: seeded Gaussian noise (bit-identical to DiffSynth), or a noised input video."""
+
+from __future__ import annotations
+
+import torch
+
+from ..images import video_to_tensor
+from . import Conditioning
+
+
+def initial_noise(pipe, request, cond: Conditioning) -> None:
+    """Noise ``[1, z, F_lat(+1), H/8, W/8]`` from ``torch.Generator(rand_device).manual_seed(seed)``.
+
+    With a VACE reference image the noise gets one extra latent frame, moved from the end to the
+    front (where the reference's latent frame sits).
+    """
+    frames = request.latent_frames + (1 if request.vace_reference_image is not None else 0)
+    factor = pipe.vae_spatial_factor
+    shape = (1, pipe.latent_channels, frames, request.height // factor, request.width // factor)
+    generator = None if request.seed is None else torch.Generator(request.rand_device).manual_seed(request.seed)
+    noise = torch.randn(shape, generator=generator, device=request.rand_device, dtype=torch.float32)
+    noise = noise.to(device=pipe.device, dtype=pipe.torch_dtype)
+    if request.vace_reference_image is not None:
+        noise = torch.cat([noise[:, :, -1:], noise[:, :, :-1]], dim=2)
+    cond.noise = cond.latents = noise
+
+
+def input_video(pipe, request, cond: Conditioning) -> None:
+    """Video-to-video: encode ``input_video`` and noise it to the schedule's first timestep."""
+    if request.input_video is None:
+        return
+    frames = list(request.input_video)
+    if len(frames) != request.num_frames:
+        raise ValueError(f"input_video has {len(frames)} frames, but num_frames is {request.num_frames}; "
+                         f"pass num_frames={len(frames)} (4k+1) or trim the video")
+    size = frames[0].size if hasattr(frames[0], "size") else None
+    if size != (request.width, request.height):
+        raise ValueError(f"input_video frames are {size}, expected (width, height) = "
+                         f"({request.width}, {request.height})")
+    latents = pipe.encode_video(video_to_tensor(frames, name="input_video"), request)
+    if request.vace_reference_image is not None:
+        reference = pipe.encode_video(video_to_tensor([request.vace_reference_image]), request, tiled=False)
+        latents = torch.cat([reference, latents], dim=2)
+    cond.latents = pipe.scheduler.add_noise(latents, cond.noise, pipe.scheduler.timesteps[0])
