@@ -7,13 +7,16 @@ conditioning, the sampler steps the latents with classifier-free guidance, and t
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 import wan_models
+from wan_models.clip import CLIPVisionTower
+from wan_models.t5 import UMT5Encoder
+from wan_models.vae import WanVAE
 
 from .caching import TeaCache
 from .denoise import predict, predict_windows
@@ -21,6 +24,9 @@ from .images import tensor_to_frames
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .units import Conditioning, Unit, noise, prompt, speed
+
+if TYPE_CHECKING:
+    from .model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +38,14 @@ UNITS: list[Unit] = [
     speed.motion_bucket,
 ]
 
-NETWORK_SLOTS = {"dit": "dit", "vae": "vae", "t5": "text_encoder", "clip": "image_encoder",
-                 "motion_controller": "motion_controller"}
+# Which attribute of the pipeline each network type fills.
+SLOTS: dict[type, str] = {
+    wan_models.WanDiT: "dit",
+    WanVAE: "vae",
+    UMT5Encoder: "text_encoder",
+    CLIPVisionTower: "image_encoder",
+    wan_models.MotionController: "motion_controller",
+}
 
 
 class WanVideoPipeline:
@@ -48,9 +60,9 @@ class WanVideoPipeline:
         self.device = torch.device(device)
         self.torch_dtype = torch_dtype
         self.dit: wan_models.WanDiT | None = None
-        self.vae = None
-        self.text_encoder = None
-        self.image_encoder = None
+        self.vae: WanVAE | None = None
+        self.text_encoder: UMT5Encoder | None = None
+        self.image_encoder: CLIPVisionTower | None = None
         self.motion_controller: wan_models.MotionController | None = None
         self.prompter = None
         self.scheduler = make_scheduler("euler", shift=5.0)
@@ -60,15 +72,48 @@ class WanVideoPipeline:
 
     def add_model(self, module: torch.nn.Module) -> None:
         """Put a loaded network in its slot, chosen by its type (a second DiT is an error)."""
-        name = {wan_models.WanDiT: "dit", wan_models.MotionController: "motion_controller"}.get(type(module))
-        if name is None:
-            kinds = {"WanVAE": "vae", "UMT5Encoder": "text_encoder", "CLIPVisionTower": "image_encoder"}
-            name = kinds.get(type(module).__name__)
+        name = next((slot for cls, slot in SLOTS.items() if isinstance(module, cls)), None)
         if name is None:
             raise TypeError(f"the pipeline has no slot for a {type(module).__name__}")
         if getattr(self, name) is not None:
             raise ValueError(f"two {name} networks given; a pipeline holds one")
         setattr(self, name, module)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cuda",
+        model_configs: Sequence["ModelConfig"] = (),
+        tokenizer_config: "ModelConfig | None" = None,
+        local_model_path: str = "./models",
+        skip_download: bool = False,
+        redirect_common_files: bool = True,
+        use_usp: bool = False,
+    ) -> "WanVideoPipeline":
+        """Resolve (download if needed) and load every model file; networks are detected by content.
+
+        ``tokenizer_config`` defaults to the umT5 tokenizer folder of Wan-AI/Wan2.1-T2V-1.3B.
+        """
+        from .model_config import ModelConfig, redirect_common_files as redirect
+
+        if tokenizer_config is None:
+            tokenizer_config = ModelConfig(model_id="Wan-AI/Wan2.1-T2V-1.3B", origin_file_pattern="google/*")
+        configs = redirect(list(model_configs)) if redirect_common_files else list(model_configs)
+        pipe = cls(device=device, torch_dtype=torch_dtype)
+        for config in configs:
+            paths = config.resolve(local_model_path, skip_download=skip_download, use_usp=use_usp)
+            module = wan_models.load_model(paths, dtype=config.offload_dtype or torch_dtype,
+                                           device=config.offload_device or device)
+            pipe.add_model(module)
+        if pipe.text_encoder is not None:
+            from .text import Prompter
+
+            folder = tokenizer_config.resolve(local_model_path, skip_download=skip_download, use_usp=use_usp)
+            folder = folder[0] if isinstance(folder, (list, tuple)) else folder
+            folder = folder if folder.is_dir() else folder.parent
+            pipe.prompter = Prompter.from_folder(folder, pipe.text_encoder)
+        return pipe
 
     @property
     def vae_spatial_factor(self) -> int:
