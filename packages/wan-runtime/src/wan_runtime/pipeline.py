@@ -23,7 +23,7 @@ from .denoise import predict, predict_windows
 from .images import tensor_to_frames
 from .request import GenerationRequest
 from .schedulers import make_scheduler
-from .units import Conditioning, Unit, noise, prompt, speed
+from .units import Conditioning, Unit, camera, control, image, noise, prompt, speed, vace
 
 if TYPE_CHECKING:
     from .model_config import ModelConfig
@@ -35,7 +35,12 @@ UNITS: list[Unit] = [
     noise.initial_noise,
     noise.input_video,
     prompt.prompt,
+    image.image,
+    control.control_video,
+    control.reference_image,
+    camera.camera_control,
     speed.motion_bucket,
+    vace.vace,
 ]
 
 # Which attribute of the pipeline each network type fills.
