@@ -7,6 +7,7 @@ twice; a dtype or device change converts one tensor at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import formats
 from .detect import detect_network
 
 logger = logging.getLogger(__name__)
@@ -137,25 +139,37 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, dtype: torch.dt
     return module.eval()
 
 
-def _official_config_json(files: list[Path]) -> dict[str, Any]:
-    """The official ``config.json`` beside a DiT checkpoint, when there is one."""
+def _config_json(files: list[Path]) -> dict[str, Any]:
+    """The ``config.json`` beside a checkpoint (official DiT or diffusers), when there is one."""
     path = files[0].parent / "config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu") -> nn.Module:
-    """Load any released Wan 2.1 network file (or shards); the network is detected from its keys."""
+    """Load any Wan 2.1 network file (or shards, or a diffusers ``transformer/`` or ``vae/`` folder).
+
+    The file may use the official, diffusers or ComfyUI key names; the network is detected from its
+    keys. fp8 weights are dequantised to ``dtype`` (default: the dtype of the file's other weights).
+    """
     files = checkpoint_files(path_or_paths)
     source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
     sd = read_state_dict(files)
+    dtype = dtype or formats.upcast_dtype(sd)
+    try:
+        sd = formats.to_official(sd, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
     network = detect_network(sd)
     sd = network.module_keys(sd)
+    config_json = _config_json(files)
+    from_diffusers = formats.diffusers.is_diffusers_config(config_json)
     hints = {}
-    if network.name == "dit":
-        official = _official_config_json(files)
-        hints = {k: official[k] for k in ("num_heads", "text_len") if k in official}
+    if network.name == "dit" and not from_diffusers:
+        hints = {k: config_json[k] for k in ("num_heads", "text_len") if k in config_json}
     config = network.config_from_state_dict(sd, **hints)
+    if from_diffusers:
+        config = dataclasses.replace(config, **formats.diffusers.config_fields(config_json, network.name))
     with torch.device("meta"):
         module = network.module(config)
     logger.info("loading %s (%s) from %s", type(module).__name__, getattr(config, "variant", network.name), source)
