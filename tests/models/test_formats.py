@@ -25,7 +25,7 @@ from factories import TINY_DIT, dit_inputs, random_dit
 diffusers = pytest.importorskip("diffusers")
 
 # float32 on both sides; what differs is summation order and diffusers' float32 timestep sinusoid
-# (ours is float64), measured at a few 1e-6 of an output of scale ~1.
+# (ours is float64). Measured max |difference|: 3.1e-6 for DiT outputs up to ~5, 2.4e-7 for the VAE.
 FLOAT_TOL = dict(rtol=1e-4, atol=1e-4)
 
 TINY = TINY_DIT.replace(text_len=512)  # dim 32, 2 heads of 16: only config.json can tell the heads
@@ -66,8 +66,8 @@ def dit_case(config: DiTConfig, seed: int = 1) -> tuple[dict, dict]:
     ours = dict(x=x, timestep=t, context=ctx)
     theirs = dict(hidden_states=x, timestep=t, encoder_hidden_states=ctx)
     if config.image_input:
-        images = 2 if config.image_pos_emb else 1  # FLF2V: first and last frame
-        clip = torch.randn(images, 257, config.clip_dim, generator=gen)
+        images = 2 if config.image_pos_emb else 1  # FLF2V: first and last frame, which diffusers
+        clip = torch.randn(images, 257, config.clip_dim, generator=gen)  # takes as 2 batch rows
         y = torch.randn(1, config.in_dim - 16, *x.shape[2:], generator=gen)
         ours.update(x=x[:, :16], y=y, clip_feature=clip.reshape(1, images * 257, -1))
         theirs.update(hidden_states=torch.cat([x[:, :16], y], dim=1), encoder_hidden_states_image=clip)
@@ -78,13 +78,10 @@ def dit_case(config: DiTConfig, seed: int = 1) -> tuple[dict, dict]:
     return ours, theirs
 
 
-def assert_same_dit(ours: WanDiT, theirs: torch.nn.Module, config: DiTConfig) -> float:
+def assert_same_dit(ours: WanDiT, theirs: torch.nn.Module, config: DiTConfig) -> None:
     kwargs, their_kwargs = dit_case(config)
     with torch.no_grad():
-        out = ours(**kwargs)
-        ref = theirs(**their_kwargs).sample
-    torch.testing.assert_close(out, ref, **FLOAT_TOL)
-    return (out - ref).abs().max().item()
+        torch.testing.assert_close(ours(**kwargs), theirs(**their_kwargs).sample, **FLOAT_TOL)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -94,7 +91,7 @@ def test_diffusers_dit_to_official(variant: str) -> None:
     state = theirs.state_dict()
     assert formats.detect_format(state) == "diffusers"
     official = formats.convert(state, to="official")
-    assert all(any(v is w for w in state.values()) for v in official.values())  # renamed, not copied
+    assert {id(v) for v in official.values()} == {id(v) for v in state.values()}  # renamed, not copied
     assert_same_dit(our_dit(config, official), theirs, config)
 
 
@@ -147,7 +144,7 @@ def vae_case() -> torch.Tensor:
     return torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
 
 
-def assert_same_vae(ours: WanVAE, theirs: torch.nn.Module) -> float:
+def assert_same_vae(ours: WanVAE, theirs: torch.nn.Module) -> None:
     video = vae_case()
     with torch.no_grad():
         mu, their_mu = ours.encode(video, normalize=False), theirs.encode(video).latent_dist.mean
@@ -155,7 +152,6 @@ def assert_same_vae(ours: WanVAE, theirs: torch.nn.Module) -> float:
     torch.testing.assert_close(mu, their_mu, **FLOAT_TOL)
     torch.testing.assert_close(frames, their_frames, **FLOAT_TOL)
     assert (frames.abs() < 1).float().mean() > 0.5  # not a comparison of clamped values
-    return max((mu - their_mu).abs().max().item(), (frames - their_frames).abs().max().item())
 
 
 @pytest.mark.parametrize("num_res_blocks", [1, 2])  # 2 is the release; 1 moves every decoder index
@@ -207,7 +203,10 @@ def new_style_scales(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # A ComfyUI file has no config.json: heads and text_len are the loader's defaults for a 32-wide DiT.
 COMFY_DIT = TINY_DIT.replace(num_heads=1, text_len=512)
-STORAGE = {  # name: (official state dict -> stored state dict, max error / output scale allowed)
+# name: (official state dict -> stored state dict, allowed max |error| / max |output|). Measured:
+# fp16 4.5e-4, bf16 3.7e-3, fp8 5.4e-2, scaled fp8 4.3e-2. e4m3 keeps 3 mantissa bits, so each
+# weight may be off by 1/16 of itself; 0.1 of the output scale bounds that for this network.
+STORAGE = {
     "fp16": (lambda sd: {k: v.half() for k, v in sd.items()}, 2e-3),
     "bf16": (lambda sd: {k: v.bfloat16() for k, v in sd.items()}, 2e-2),
     "fp8": (lambda sd: comfy.quantize_fp8(sd, scaled=False), 0.1),
@@ -232,21 +231,29 @@ def test_comfy_dit_file(tmp_path, storage: str) -> None:
     assert (out - ref).abs().max() <= tolerance * ref.abs().max()
 
 
-def test_fp8_without_scales_or_dtype_upcasts(tmp_path) -> None:
-    """fp8 weights beside bf16 ones load as bf16; the file's keys may be official (no prefix)."""
+def test_fp8_dtype_default_and_asked(tmp_path) -> None:
+    """Unscaled fp8 weights beside bf16 ones load as bf16 when no dtype is asked for (the file's
+    keys may be official, without prefix), as the asked dtype otherwise."""
     state = comfy.quantize_fp8({k: v.bfloat16() for k, v in random_dit(TINY_DIT).state_dict().items()}, scaled=False)
     save_file(state, tmp_path / "dit_fp8.safetensors")
     assert formats.detect_format(state) == "official"
     model = wan_models.load_model(tmp_path / "dit_fp8.safetensors")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    save_file(comfy.from_official(comfy.quantize_fp8(random_dit(TINY_DIT).state_dict()), "dit"),
+              tmp_path / "dit_fp8_scaled.safetensors")
+    model = wan_models.load_model(tmp_path / "dit_fp8_scaled.safetensors", dtype=torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
 
 
-def test_comfy_vae_and_unprefixed_scaled_files() -> None:
+def test_comfy_vae_and_unprefixed_scaled_files(tmp_path) -> None:
     vae_state = WanVAE(VAEConfig(dim=8)).state_dict()
     as_comfy = formats.convert(vae_state, to="comfy")
     assert all(k.startswith("vae.") for k in as_comfy) and formats.detect_format(as_comfy) == "comfy"
     back = formats.convert(as_comfy, to="official")
     assert back.keys() == vae_state.keys() and all(back[k] is vae_state[k] for k in back)
+    save_file(as_comfy, tmp_path / "vae.safetensors")
+    loaded = wan_models.load_model(tmp_path / "vae.safetensors")
+    assert isinstance(loaded, WanVAE) and torch.equal(loaded.decoder.conv1.weight, vae_state["decoder.conv1.weight"])
     scaled = comfy.quantize_fp8(random_dit(TINY_DIT).state_dict())  # a scaled file without prefix
     assert formats.detect_format(scaled) == "comfy"
     weight = formats.convert(scaled, dtype=torch.float32)["blocks.0.ffn.0.weight"]

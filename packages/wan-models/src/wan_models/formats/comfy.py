@@ -94,31 +94,31 @@ def dequantize(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None)
     they are (the same objects)."""
     if any(k.endswith(".weight_scale_2") for k in sd):
         raise ValueError("NVFP4 weights (.weight_scale_2) are not supported; use an fp8, fp16 or bf16 file")
-    dtype = dtype or upcast_dtype(sd)
+    dtype = dtype or upcast_dtype(sd) or torch.float32
     scales = {}
     for key, value in sd.items():
         if key.endswith(".comfy_quant"):
             _check_quant_config(key, value)
-        for suffix in SCALE_SUFFIXES:
-            if key.endswith(suffix):
-                weight_key = key[: -len(suffix)] + ".weight"
-                if weight_key not in sd:
-                    raise ValueError(f"{key} scales a weight the file lacks ({weight_key})")
-                scales[weight_key] = value
+        suffix = next((s for s in SCALE_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            weight_key = key[: -len(suffix)] + ".weight"
+            if weight_key not in sd:
+                raise ValueError(f"{key} scales a weight the file lacks ({weight_key})")
+            scales[weight_key] = value
     out: dict[str, torch.Tensor] = {}
+    plain = 0
     for key, value in sd.items():
         if is_quant_key(key):
             continue
         if key in scales:
-            out[key] = _apply_scale(key, value, scales[key], dtype or torch.float32)
+            out[key] = _apply_scale(key, value, scales[key], dtype)
         elif value.dtype in FP8_DTYPES:
             out[key] = value.to(dtype)
+            plain += 1
         else:
             out[key] = value
-    if scales or any(v.dtype in FP8_DTYPES for v in sd.values()):
-        logger.info("dequantised %d scaled and %d plain fp8 tensors to %s", len(scales),
-                    sum(v.dtype in FP8_DTYPES for k, v in sd.items() if k not in scales and not is_quant_key(k)),
-                    dtype)
+    if scales or plain:
+        logger.info("dequantised %d scaled and %d plain fp8 tensors to %s", len(scales), plain, dtype)
     return out
 
 
@@ -139,8 +139,8 @@ def quantize_fp8(sd: Mapping[str, torch.Tensor], *, scaled: bool = True) -> dict
     """Linear weights (2-D ``*.weight``) stored as ``float8_e4m3fn``, as ComfyUI's fp8 files do.
 
     ``scaled`` adds a float32 ``<layer>.scale_weight`` per weight (its max magnitude / 448) and the
-    ``scaled_fp8`` marker (legacy scaled-fp8 layout); otherwise values are cast as they are, which
-    flushes magnitudes below 2**-9 to zero. Other tensors are kept (the same objects).
+    ``scaled_fp8`` marker (legacy scaled-fp8 layout); otherwise values are cast as they are, losing
+    magnitudes below e4m3's smallest step (2**-9). Other tensors are kept (the same objects).
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
