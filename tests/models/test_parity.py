@@ -12,7 +12,7 @@ import pytest
 
 from parity_support import ParityCase, assert_matches, owned_cases
 
-MODEL_RUNNER_MODULES = ["dit", "text_image"]
+MODEL_RUNNER_MODULES = ["dit", "vae", "text_image"]
 RUNNERS = {}
 for _name in MODEL_RUNNER_MODULES:
     RUNNERS.update(importlib.import_module(f"parity_runners.{_name}").RUNNERS)

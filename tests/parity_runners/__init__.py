@@ -11,7 +11,7 @@ import importlib
 from parity_support import Runner
 
 # Component runner modules; each is added by the change that implements its component.
-MODULES: list[str] = ["dit", "text_image", "schedulers", "pipeline"]
+MODULES: list[str] = ["dit", "vae", "text_image", "schedulers", "pipeline", "units"]
 
 
 def all_runners() -> dict[str, Runner]:
