@@ -44,11 +44,11 @@ def video_pixels(pipe: WanVideoPipeline, request: GenerationRequest, frames: Seq
     if len(frames) != request.num_frames:
         raise ValueError(f"{name} has {len(frames)} frames, but num_frames is {request.num_frames}; "
                          f"pass num_frames={len(frames)} (4k+1) or trim the video")
-    sizes = {getattr(f, "size", None) for f in frames}
-    if sizes != {(request.width, request.height)}:
-        raise ValueError(f"{name} frames are {sorted(map(str, sizes))}, expected (width, height) = "
+    pixels = video_to_tensor(frames, low, high, name=name)
+    if pixels.shape[-2:] != (request.height, request.width):
+        raise ValueError(f"{name} frames are {frames[0].size}, expected (width, height) = "
                          f"({request.width}, {request.height}); resize the video first")
-    return video_to_tensor(frames, low, high, name=name).to(pipe.device)
+    return pixels.to(pipe.device)
 
 
 def clip_features(pipe: WanVideoPipeline, pixels: torch.Tensor, name: str) -> torch.Tensor:
@@ -95,12 +95,12 @@ def image(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning
         raise ValueError("end_image needs num_frames >= 5: with one frame the first and last frame coincide")
     first = image_pixels(pipe, request, request.input_image, "input_image")
     end = None if request.end_image is None else image_pixels(pipe, request, request.end_image, "end_image")
-    if not camera_model:
-        cond.shared["y"] = _image_y(pipe, request, first, end)
     features = clip_features(pipe, first, "input_image")
     if end is not None and config.image_pos_emb:
         features = torch.cat([features, clip_features(pipe, end, "end_image")], dim=1)
     cond.shared["clip_feature"] = features
+    if not camera_model:
+        cond.shared["y"] = _image_y(pipe, request, first, end)
     logger.debug("image conditioning: clip_feature %s, y %s", tuple(features.shape),
                  tuple(cond.shared["y"].shape) if "y" in cond.shared else None)
 
