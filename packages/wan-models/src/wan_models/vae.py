@@ -95,11 +95,17 @@ class StreamCache:
         self._past: dict[nn.Module, torch.Tensor] = {}
 
     def past(self, layer: nn.Module) -> torch.Tensor | None:
+        """The frames ``layer`` kept from the previous chunk (``None`` before its first call)."""
         return self._past.get(layer)
 
     def keep(self, layer: nn.Module, frames: torch.Tensor) -> None:
-        # A copy, so the cache holds just these frames and not the whole chunk they were cut from.
+        """Replaces ``layer``'s kept frames; a copy, so the whole chunk they were cut from can be freed."""
         self._past[layer] = frames.clone()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the kept frames take; it stops changing after the second chunk."""
+        return sum(t.numel() * t.element_size() for t in self._past.values())
 
 
 class CausalConv3d(nn.Conv3d):
@@ -111,14 +117,27 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
         self.past_frames = kt - 1
 
-    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    def input_buffer(self, like: torch.Tensor, cache: StreamCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[past | new]`` input for ``like.shape[2]`` new frames, past filled in; returns it and
+        the view of the new-frame slot, so the producer can write there instead of concatenating."""
+        b, c, t, h, w = like.shape
+        stream = like.new_empty(b, c, self.past_frames + t, h, w)
         past = cache.past(self)
         if past is None:
-            b, c, _, h, w = x.shape
-            past = x.new_zeros(b, c, self.past_frames, h, w)
-        stream = torch.cat([past, x], dim=2)
-        cache.keep(self, stream[:, :, -self.past_frames:])
+            stream[:, :, : self.past_frames].zero_()
+        else:
+            stream[:, :, : self.past_frames] = past
+        return stream, stream[:, :, self.past_frames :]
+
+    def convolve(self, stream: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        """Convolves a filled :meth:`input_buffer` and keeps its last frames for the next chunk."""
+        cache.keep(self, stream[:, :, -self.past_frames :])
         return super().forward(stream)
+
+    def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        stream, new = self.input_buffer(x, cache)
+        new.copy_(x)
+        return self.convolve(stream, cache)
 
 
 class RMSNorm(nn.Module):
@@ -130,15 +149,19 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(x, dim=1, out=out).mul_(self.scale).mul_(self.gamma)
 
 
-def _per_frame(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Applies a 2D op to every frame of ``[B, C, T, H, W]`` (result is a ``B, C, T`` view of ``(B·T)``)."""
-    b, c, t, h, w = x.shape
-    y = fn(x.transpose(1, 2).reshape(b * t, c, h, w))
-    return y.view(b, t, *y.shape[1:]).transpose(1, 2)
+def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: StreamCache,
+                    dropout: nn.Dropout | None = None) -> torch.Tensor:
+    """RMSNorm -> SiLU (-> dropout) -> causal conv, with the activations written straight into the
+    conv's ``[past | new]`` buffer (no concatenation copy)."""
+    stream, new = conv.input_buffer(x, cache)
+    F.silu(norm(x, out=new), inplace=True)
+    if dropout is not None:
+        F.dropout(new, dropout.p, dropout.training, inplace=True)
+    return conv.convolve(stream, cache)
 
 
 class ResidualBlock(nn.Module):
@@ -148,14 +171,16 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Sequential indices give the released key names (residual.0.gamma, residual.2.weight, ...).
         self.residual = nn.Sequential(
-            RMSNorm(in_dim), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3),
-            RMSNorm(out_dim), nn.SiLU(inplace=True), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3),
+            RMSNorm(in_dim), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3),
+            RMSNorm(out_dim), nn.SiLU(), nn.Dropout(dropout), CausalConv3d(out_dim, out_dim, 3),
         )
         self.shortcut = nn.Conv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, dropout, conv2 = self.residual
         shortcut = self.shortcut(x)
-        return _apply(self.residual, x, cache).add_(shortcut)
+        x = _norm_silu_conv(norm1, conv1, x, cache)
+        return _norm_silu_conv(norm2, conv2, x, cache, dropout).add_(shortcut)
 
 
 class AttentionBlock(nn.Module):
@@ -167,25 +192,24 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        qkv = self.to_qkv(self.norm(x)).reshape(n, 1, c * 3, h * w).permute(0, 1, 3, 2).contiguous()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        frames = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
+        qkv = self.to_qkv(frames).reshape(b * t, 1, c * 3, h * w).permute(0, 1, 3, 2).contiguous()
         # Plain SDPA, not the DiT attention hook: the head dim is the full width (384 released),
         # beyond what fused attention kernels usually take.
         out = F.scaled_dot_product_attention(*qkv.chunk(3, dim=-1))
-        return self.proj(out.squeeze(1).permute(0, 2, 1).reshape(n, c, h, w))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _per_frame(self._attend, x) + x
+        out = self.proj(out.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
+        return out.view(b, t, c, h, w).transpose(1, 2) + x
 
 
 class Resample(nn.Module):
     """2x spatial up/downsampling per frame, optionally with a 2x temporal up/downsampling conv.
 
     ``upsample3d`` turns each frame into two with a causal time conv (``dim -> 2·dim`` channels,
-    interleaved into frames) before the spatial step; ``downsample3d`` halves the frames with a
-    stride-2 time conv over the previous chunk's last frame and this chunk after the spatial step.
-    Both leave the stream's first chunk unchanged in time, as the released model does.
+    the halves being the two frames) before the spatial step; ``downsample3d`` halves the frames
+    with a stride-2 time conv over the previous chunk's last frame and this chunk after the
+    spatial step. Both leave the stream's first chunk unchanged in time, as the released model does.
     """
 
     MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
@@ -206,11 +230,16 @@ class Resample(nn.Module):
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+        b, c, t, h, w = x.shape
         if self.mode == "upsample3d" and not cache.first_chunk:
-            x = self.time_conv(x, cache)
-            b, c2, t, h, w = x.shape  # channel halves are the even and odd output frames
-            x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-        x = _per_frame(self.resample, x)
+            # [B, (2, C), T] -> frames ordered (T, 2): each input frame becomes two consecutive ones.
+            pairs = self.time_conv(x, cache).view(b, 2, c, t, h, w)
+            t *= 2
+            frames = pairs.permute(0, 3, 1, 2, 4, 5).reshape(b * t, c, h, w)
+        else:
+            frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        frames = self.resample(frames)
+        x = frames.view(b, t, *frames.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d":
             last = x[:, :, -1:]
             if not cache.first_chunk:
@@ -219,13 +248,10 @@ class Resample(nn.Module):
         return x
 
 
-def _apply(layers: Iterable[nn.Module], x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-    """Runs layers in order, handing the stream cache to those that are causal in time."""
-    for layer in layers:
-        if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)):
-            x = layer(x, cache)
-        else:
-            x = layer(x)
+def _run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    """Runs blocks in order; all but attention (which stays within a frame) need the stream cache."""
+    for block in blocks:
+        x = block(x) if isinstance(block, AttentionBlock) else block(x, cache)
     return x
 
 
@@ -250,10 +276,11 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.Sequential(*layers)
         self.middle = nn.Sequential(ResidualBlock(out_dim, out_dim, cfg.dropout), AttentionBlock(out_dim),
                                     ResidualBlock(out_dim, out_dim, cfg.dropout))
-        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(inplace=True), CausalConv3d(out_dim, cfg.z_dim * 2, 3))
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, cfg.z_dim * 2, 3))
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        return _apply((self.conv1, *self.downsamples, *self.middle, *self.head), x, cache)
+        x = _run_blocks((*self.downsamples, *self.middle), self.conv1(x, cache), cache)
+        return _norm_silu_conv(self.head[0], self.head[2], x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -280,10 +307,11 @@ class Decoder3d(nn.Module):
                 layers.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
                 scale *= 2.0
         self.upsamples = nn.Sequential(*layers)
-        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(inplace=True), CausalConv3d(out_dim, 3, 3))
+        self.head = nn.Sequential(RMSNorm(out_dim), nn.SiLU(), CausalConv3d(out_dim, 3, 3))
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        return _apply((self.conv1, *self.middle, *self.upsamples, *self.head), x, cache)
+        x = _run_blocks((*self.middle, *self.upsamples), self.conv1(x, cache), cache)
+        return _norm_silu_conv(self.head[0], self.head[2], x, cache)
 
 
 def _pair(value: Sequence[int], name: str) -> tuple[int, int]:
@@ -362,6 +390,7 @@ class WanVAE(nn.Module):
         for chunk in (video[:, :, :1], *later):
             features.append(self.encoder(chunk, cache))
             cache.first_chunk = False
+        logger.debug("encoded %d chunks, stream cache %.1f MiB", len(features), cache.nbytes / 2**20)
         mu = self.conv1(torch.cat(features, dim=2))[:, : self.config.z_dim]
         if not normalize:
             return mu.contiguous()
@@ -409,6 +438,7 @@ class WanVAE(nn.Module):
                 video = frames.new_empty(b, c, 1 + (x.shape[2] - 1) * self.config.temporal_factor, h, w)
             video[:, :, start:start + frames.shape[2]] = frames
             start += frames.shape[2]
+        logger.debug("decoded %d latent frames, stream cache %.1f MiB", x.shape[2], cache.nbytes / 2**20)
         return video
 
     # ---- tiling --------------------------------------------------------------------------------
