@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..images import video_to_tensor
 from . import Conditioning
+from .image import video_pixels
+from .vace import reference_pixels
 
 
 def initial_noise(pipe, request, cond: Conditioning) -> None:
@@ -29,16 +30,8 @@ def input_video(pipe, request, cond: Conditioning) -> None:
     """Video-to-video: encode ``input_video`` and noise it to the schedule's first timestep."""
     if request.input_video is None:
         return
-    frames = list(request.input_video)
-    if len(frames) != request.num_frames:
-        raise ValueError(f"input_video has {len(frames)} frames, but num_frames is {request.num_frames}; "
-                         f"pass num_frames={len(frames)} (4k+1) or trim the video")
-    size = frames[0].size if hasattr(frames[0], "size") else None
-    if size != (request.width, request.height):
-        raise ValueError(f"input_video frames are {size}, expected (width, height) = "
-                         f"({request.width}, {request.height})")
-    latents = pipe.encode_video(video_to_tensor(frames, name="input_video"), request)
+    latents = pipe.encode_video(video_pixels(pipe, request, request.input_video, "input_video"), request)
     if request.vace_reference_image is not None:
-        reference = pipe.encode_video(video_to_tensor([request.vace_reference_image]), request, tiled=False)
+        reference = pipe.encode_video(reference_pixels(pipe, request), request, tiled=False)
         latents = torch.cat([reference, latents], dim=2)
     cond.latents = pipe.scheduler.add_noise(latents, cond.noise, pipe.scheduler.timesteps[0])

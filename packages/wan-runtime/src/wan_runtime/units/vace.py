@@ -38,6 +38,19 @@ def mask_latents(mask: torch.Tensor, latent_frames: int, factor: int) -> torch.T
     return F.interpolate(blocks, size=(latent_frames, h, w), mode="nearest-exact")
 
 
+def reference_pixels(pipe: WanVideoPipeline, request: GenerationRequest) -> torch.Tensor:
+    """``vace_reference_image`` as a one-frame video ``[1, 3, 1, H, W]`` on the device.
+
+    Not resampled (as in the reference): it must already have the video's size.
+    """
+    reference = request.vace_reference_image
+    pixels = image_to_tensor(reference, name="vace_reference_image")
+    if pixels.shape[1:] != (request.height, request.width):
+        raise ValueError(f"vace_reference_image is {reference.size}, expected (width, height) = "
+                         f"({request.width}, {request.height}); resize or pad it first")
+    return pixels[None, :, None].to(pipe.device)
+
+
 def vace(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning) -> None:
     """``vace_context`` and ``vace_scale`` when any of ``vace_video``, ``vace_video_mask``,
     ``vace_reference_image`` is given; a missing video is zeros, a missing mask is all ones."""
@@ -52,11 +65,7 @@ def vace(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning)
         raise ValueError(f"vace_video / vace_video_mask / vace_reference_image need a VACE model "
                          f"(Wan2.1-VACE); the loaded {config.variant} DiT has no VACE blocks")
     if reference is not None:
-        # Not resampled (as in the reference): it must match the video size.
-        ref_pixels = image_to_tensor(reference, name="vace_reference_image")
-        if ref_pixels.shape[1:] != (request.height, request.width):
-            raise ValueError(f"vace_reference_image is {reference.size}, expected (width, height) = "
-                             f"({request.width}, {request.height}); resize or pad it first")
+        ref_pixels = reference_pixels(pipe, request)
     if request.vace_video is None:
         video = torch.zeros(1, 3, request.num_frames, request.height, request.width, device=pipe.device)
     else:
@@ -70,7 +79,7 @@ def vace(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning)
     masks = mask_latents(mask[0, 0], inactive.shape[2], pipe.vae_spatial_factor).to(inactive)
     context = torch.cat([inactive, reactive, masks], dim=1)
     if reference is not None:
-        latents = pipe.encode_video(ref_pixels[None, :, None].to(pipe.device), request)
+        latents = pipe.encode_video(ref_pixels, request)
         lead = context.new_zeros(context[:, :, :1].shape)
         lead[:, :latents.shape[1]] = latents
         context = torch.cat([lead, context], dim=2)
