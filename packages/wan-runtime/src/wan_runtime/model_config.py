@@ -1,0 +1,323 @@
+"""Where a model's files come from: local paths, or a ModelScope repository fetched on demand.
+
+:class:`ModelConfig` keeps the seed's (DiffSynth's) field names and meaning. ``path=`` names local
+file(s) or a folder; otherwise ``model_id`` + ``origin_file_pattern`` name files of a ModelScope
+repository, which :meth:`ModelConfig.resolve` looks for under ``local_model_path/model_id/`` and
+downloads only when some are missing (only those). Offline, it fails within seconds with a
+:class:`ModelFilesMissing` that says what is missing, where it looked and how to place it by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import glob
+import logging
+import os
+import re
+import shlex
+import socket
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+
+from wan_models.configs import CLIP_FILE, T5_FILE, VAE_FILE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COMMON_FILES", "ModelConfig", "ModelFilesMissing", "redirect_common_files"]
+
+# The shared files are identical in every Wan 2.1 repository; fetching them from one place avoids
+# downloading the same 11 GB again for each model.
+COMMON_FILES: dict[str, str] = {
+    T5_FILE: "Wan-AI/Wan2.1-T2V-1.3B",
+    VAE_FILE: "Wan-AI/Wan2.1-T2V-1.3B",
+    CLIP_FILE: "Wan-AI/Wan2.1-I2V-14B-480P",
+}
+
+DEFAULT_ENDPOINT = "https://modelscope.cn"
+# How long the reachability probe may take before the hub counts as unreachable. modelscope itself
+# retries for ~20 s when offline; the probe answers in this time instead.
+PROBE_TIMEOUT_S = 2.5
+
+# ``name-00001-of-00006.safetensors``: one shard of a checkpoint split across files.
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})(?P<suffix>\.[^/]+)$")
+
+
+class ModelFilesMissing(FileNotFoundError):
+    """Model files that are neither on disk nor downloadable now.
+
+    ``missing`` lists the patterns (or paths) not found, ``local_dir`` the absolute folder searched.
+    """
+
+    def __init__(self, message: str, *, missing: list[str], local_dir: Path | None,
+                 model_id: str | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.local_dir = local_dir
+        self.model_id = model_id
+
+
+@dataclass
+class ModelConfig:
+    """One model file set: ``path=`` local file(s)/folder, or ``model_id`` + ``origin_file_pattern``.
+
+    ``origin_file_pattern`` is a glob relative to the repository root (or a list of them); one
+    ending in ``/`` names a folder; ``None`` or ``""`` the whole repository. ``download_resource``
+    must be ``"ModelScope"`` when a download is needed. ``offload_device``/``offload_dtype`` say
+    where and in which dtype the pipeline keeps the loaded network (None: the pipeline's).
+    """
+
+    path: str | list[str] | None = None
+    model_id: str | None = None
+    origin_file_pattern: str | list[str] | None = None
+    download_resource: str = "ModelScope"
+    offload_device: str | torch.device | None = None
+    offload_dtype: torch.dtype | None = None
+
+    def resolve(self, local_model_path: str | os.PathLike = "./models", skip_download: bool = False,
+                use_usp: bool = False) -> list[Path]:
+        """The local files (or the one folder, for a folder pattern), downloading missing ones.
+
+        Files go to ``local_model_path/model_id/``; present files are never fetched again and
+        ``skip_download=True`` uses only what is on disk. With ``use_usp=True`` under an initialised
+        ``torch.distributed`` group only rank 0 downloads and every rank waits at a barrier.
+        Unlike the seed's ``download_if_necessary`` this does not change ``self``.
+        """
+        if self.path is not None:
+            return self._local_paths()
+        if not self.model_id:
+            raise ValueError("ModelConfig names no model files: pass path=<local file or folder>, or "
+                             "model_id=<owner/name> with origin_file_pattern=<glob>")
+        local_dir = Path(local_model_path).expanduser().absolute() / self.model_id
+        patterns = self._patterns()
+        rank = _usp_rank(use_usp)
+        missing = _missing(local_dir, patterns)
+        failure: ModelFilesMissing | None = None
+        if skip_download:
+            reason = "skip_download=True"
+        elif rank not in (None, 0):
+            reason = f"rank {rank} does not download (use_usp=True) and rank 0 did not place them"
+        else:
+            reason = "the download brought no file matching them: check model_id and origin_file_pattern"
+            if missing:
+                try:
+                    self._download(local_dir, missing)
+                except ModelFilesMissing as e:
+                    failure = e
+        if rank is not None:
+            _barrier()  # every rank, whatever it found, so that none waits for a rank that skipped it
+        if failure is not None:
+            raise failure
+        missing = _missing(local_dir, patterns)
+        if missing:
+            raise self._missing_error(local_dir, missing, reason)
+        return _matches(local_dir, patterns)
+
+    def _local_paths(self) -> list[Path]:
+        paths = [Path(p).expanduser() for p in ([self.path] if isinstance(self.path, (str, os.PathLike))
+                                                else self.path)]
+        if not paths:
+            raise ValueError("ModelConfig(path=[]) names no file")
+        absent = [str(p.absolute()) for p in paths if not p.exists()]
+        if absent:
+            raise ModelFilesMissing(f"model path(s) not found: {', '.join(absent)}; ModelConfig(path=...) uses "
+                                    "local files as given and downloads nothing (use model_id= and "
+                                    "origin_file_pattern= to download)", missing=absent, local_dir=None)
+        return paths
+
+    def _patterns(self) -> list[str]:
+        """Patterns as a list; ``[""]`` stands for the whole repository."""
+        pattern = self.origin_file_pattern
+        patterns = [pattern] if pattern is None or isinstance(pattern, str) else list(pattern)
+        if not patterns:
+            raise ValueError(f"origin_file_pattern=[] names no file of {self.model_id}; use None for the whole "
+                             "repository")
+        return [p or "" for p in patterns]
+
+    def _download(self, local_dir: Path, missing: dict[str, str]) -> None:
+        """Fetch from ModelScope the files matching the ``missing`` patterns (present ones skipped)."""
+        if self.download_resource.lower() != "modelscope":
+            raise self._missing_error(local_dir, missing, f"download_resource={self.download_resource!r} is not "
+                                      "supported (only 'ModelScope')")
+        unreachable = _hub_unreachable(_endpoint(), PROBE_TIMEOUT_S)
+        if unreachable:
+            raise self._missing_error(local_dir, missing, f"ModelScope is unreachable: {unreachable}")
+        try:
+            from modelscope import snapshot_download
+        except ImportError as e:
+            raise self._missing_error(local_dir, missing, f"the modelscope package is not importable ({e}); "
+                                      "pip install modelscope") from None
+        allow = [_allow_pattern(p) for p in missing]
+        allow_arg = None if None in allow else allow
+        present = _present_files(local_dir, allow_arg)
+        logger.info("downloading %s (%s) from ModelScope into %s%s", self.model_id,
+                    ", ".join(p or "whole repository" for p in missing), local_dir,
+                    f", skipping {len(present)} files already there" if present else "")
+        local_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            snapshot_download(self.model_id, local_dir=str(local_dir), allow_file_pattern=allow_arg,
+                              ignore_file_pattern=present or None)
+        except Exception as e:  # any failure of the hub client leaves the same remedy: place the files by hand
+            raise self._missing_error(local_dir, missing, f"download failed: {type(e).__name__}: {e}") from e
+
+    def _missing_error(self, local_dir: Path, missing: dict[str, str], reason: str) -> ModelFilesMissing:
+        what = "; ".join(f"{p or '(whole repository)'}{f' ({detail})' if detail else ''}"
+                         for p, detail in missing.items())
+        commands = "\n".join(
+            f"    modelscope download --model {self.model_id}"
+            f"{'' if _allow_pattern(p) is None else ' --include ' + shlex.quote(_allow_pattern(p))}"
+            f" --local_dir {shlex.quote(str(local_dir))}" for p in missing)
+        message = (f"model files of {self.model_id} missing: {what}\n"
+                   f"  looked in: {local_dir}\n"
+                   f"  not downloaded because {reason}\n"
+                   f"  to place them by hand, run (here, or on a machine with internet access and copy the folder):\n"
+                   f"{commands}\n"
+                   f"  or copy the files into {local_dir} under their names in the repository")
+        return ModelFilesMissing(message, missing=list(missing), local_dir=local_dir, model_id=self.model_id)
+
+
+def redirect_common_files(configs: list[ModelConfig]) -> list[ModelConfig]:
+    """Copies of ``configs`` with the shared T5/VAE/CLIP files taken from one repository each.
+
+    A config whose ``origin_file_pattern`` is exactly one of :data:`COMMON_FILES` gets that file's
+    home repository as ``model_id`` (logged); the caller's configs are left unchanged.
+    """
+    out = []
+    for config in configs:
+        target = COMMON_FILES.get(config.origin_file_pattern) if isinstance(config.origin_file_pattern, str) else None
+        if target is not None and config.model_id is not None and config.model_id != target:
+            logger.info("redirecting (%s, %s) to (%s, %s): the file is the same in every Wan 2.1 repository; "
+                        "pass redirect_common_files=False to keep it", config.model_id,
+                        config.origin_file_pattern, target, config.origin_file_pattern)
+            out.append(dataclasses.replace(config, model_id=target))
+        else:
+            out.append(dataclasses.replace(config))
+    return out
+
+
+def _allow_pattern(pattern: str) -> str | None:
+    """The hub-side pattern for one of ours: a folder's contents, a glob as is, None = everything."""
+    if not pattern:
+        return None
+    return pattern + "*" if pattern.endswith("/") else pattern
+
+
+def _matches(local_dir: Path, patterns: list[str]) -> list[Path]:
+    """What the patterns name on disk: matched files/folders (sorted), or the folder itself."""
+    out: list[Path] = []
+    for pattern in patterns:
+        if not pattern or pattern.endswith("/"):
+            found = [local_dir / pattern] if _has_files(local_dir / pattern) else []
+        else:
+            found = [local_dir / rel for rel in sorted(glob.glob(pattern, root_dir=local_dir))]
+        out.extend(p for p in found if p not in out)
+    return out
+
+
+def _missing(local_dir: Path, patterns: list[str]) -> dict[str, str]:
+    """Patterns with nothing on disk, or with shards of a split checkpoint absent -> what is absent."""
+    missing: dict[str, str] = {}
+    for pattern in patterns:
+        found = _matches(local_dir, [pattern]) if local_dir.is_dir() else []
+        if not found:
+            missing[pattern] = ""
+            continue
+        absent = _absent_shards(found)
+        if absent:
+            missing[pattern] = f"{len(absent)} shards absent: {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}"
+    return missing
+
+
+def _absent_shards(found: list[Path]) -> list[str]:
+    """Sibling shards that ``name-0000i-of-0000n`` files imply but that are not on disk."""
+    absent: list[str] = []
+    for path in found:
+        m = _SHARD.match(path.name)
+        if m is None:
+            continue
+        count, width = int(m["count"]), len(m["index"])
+        for i in range(1, count + 1):
+            name = f"{m['stem']}-{i:0{width}d}-of-{m['count']}{m['suffix']}"
+            if not (path.parent / name).is_file() and name not in absent:
+                absent.append(name)
+    return absent
+
+
+def _has_files(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+
+
+def _present_files(local_dir: Path, allow: list[str] | None) -> list[str]:
+    """Files already under ``local_dir`` (posix, relative) that the download would otherwise fetch again."""
+    if not local_dir.is_dir():
+        return []
+    present = [p.relative_to(local_dir).as_posix() for p in sorted(local_dir.rglob("*")) if p.is_file()]
+    present = [rel for rel in present if not any(part.startswith(".") for part in rel.split("/"))]
+    if allow is None:
+        return present
+    return [rel for rel in present if any(fnmatch.fnmatchcase(rel, a) for a in allow)]
+
+
+def _endpoint() -> str:
+    """The hub address modelscope will use (``MODELSCOPE_ENDPOINT``, deprecated ``MODELSCOPE_DOMAIN``)."""
+    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN", "").strip()
+    if not endpoint:
+        return DEFAULT_ENDPOINT
+    return endpoint if "://" in endpoint else "https://" + endpoint
+
+
+def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
+    """None when a TCP connection to the hub (or to the HTTPS proxy in use) opens within ``timeout``.
+
+    Name resolution has no timeout of its own, so the probe runs in a daemon thread and is abandoned
+    when it overruns; otherwise a short reason (e.g. the DNS error) is returned.
+    """
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = proxy_url.hostname or "", proxy_url.port or 8080
+    errors: list[OSError] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=probe, name="modelscope-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return f"no connection to {host}:{port} within {timeout:g} s"
+    if errors:
+        return f"cannot connect to {host}:{port} ({errors[0]})"
+    return None
+
+
+def _usp_rank(use_usp: bool) -> int | None:
+    """This process's rank when ``use_usp`` and a process group is up; None otherwise."""
+    if not use_usp:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        logger.debug("use_usp=True without an initialised torch.distributed group: downloading as a single process")
+        return None
+    return dist.get_rank()
+
+
+def _barrier() -> None:
+    """Wait for every rank (NCCL needs the device this rank uses)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
