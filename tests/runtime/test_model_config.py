@@ -20,6 +20,8 @@ from wan_runtime.model_config import ModelConfig, ModelFilesMissing, redirect_co
 
 T2V = "Wan-AI/Wan2.1-T2V-1.3B"
 I2V = "Wan-AI/Wan2.1-I2V-14B-480P"
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+                   "no_proxy", "NO_PROXY")
 
 
 @pytest.fixture(scope="module")
@@ -134,13 +136,13 @@ def test_skip_download_with_missing_files_says_what_where_and_how(tmp_path):
     assert info.value.local_dir == local_dir and info.value.model_id == T2V
     assert f"looked in: {local_dir}" in message and "skip_download=True" in message
     assert f"modelscope download --model {T2V} --include {T5_FILE} --local_dir {local_dir}" in message
-    assert f"--include 'google/umt5-xxl/*'" in message
+    assert "--include 'google/umt5-xxl/*'" in message
     assert VAE_FILE not in message.split("looked in")[0]
 
 
 def test_a_missing_shard_counts_as_missing(models_root, tmp_path):
     repo = tmp_path / I2V
-    _touch(repo, "diffusion_pytorch_model-00001-of-00003.safetensors", "diffusion_pytorch_model-00003-of-00003.safetensors")
+    _touch(repo, *(f"diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 3)))
     with pytest.raises(ModelFilesMissing, match="1 shards absent: diffusion_pytorch_model-00002-of-00003"):
         ModelConfig(model_id=I2V, origin_file_pattern=DIT_FILES).resolve(tmp_path, skip_download=True)
 
@@ -180,7 +182,14 @@ def test_download_skips_present_files_of_a_folder_or_shard_set(tmp_path, hub):
 
 def test_download_of_a_folder_pattern_and_the_whole_repository(tmp_path, hub):
     repo = tmp_path / T2V
-    assert ModelConfig(model_id=T2V, origin_file_pattern=T5_TOKENIZER).resolve(tmp_path) == [repo / "google" / "umt5-xxl"]
+    (repo / "google" / "umt5-xxl").mkdir(parents=True)  # an empty folder left by an aborted download
+    assert ModelConfig(model_id=T2V, origin_file_pattern="google/*").resolve(tmp_path) == [repo / "google" / "umt5-xxl"]
+    assert hub.calls[-1]["allow_file_pattern"] == ["google/*"] and hub.calls[-1]["ignore_file_pattern"] is None
+    hub.calls.clear()
+    (repo / "google" / "umt5-xxl" / "tokenizer.json").unlink()
+    (repo / "google" / "umt5-xxl" / "spiece.model").unlink()
+    tokenizer = ModelConfig(model_id=T2V, origin_file_pattern=T5_TOKENIZER)
+    assert tokenizer.resolve(tmp_path) == [repo / "google" / "umt5-xxl"]
     assert hub.calls[-1]["allow_file_pattern"] == ["google/umt5-xxl/*"]
     assert ModelConfig(model_id=T2V).resolve(tmp_path / "other") == [tmp_path / "other" / T2V]
     assert hub.calls[-1]["allow_file_pattern"] is None
@@ -209,6 +218,8 @@ def test_a_pattern_the_repository_lacks_is_reported(tmp_path, hub):
 
 def test_offline_fails_fast_without_calling_modelscope(tmp_path, monkeypatch):
     # A closed local port stands in for an unreachable hub: the real probe runs, no network needed.
+    for proxy in PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setitem(sys.modules, "modelscope", None)
     start = time.perf_counter()
@@ -217,6 +228,14 @@ def test_offline_fails_fast_without_calling_modelscope(tmp_path, monkeypatch):
     logging.getLogger(__name__).info("offline error after %.3f s", time.perf_counter() - start)
     assert "ModelScope is unreachable: cannot connect to 127.0.0.1:9" in str(info.value)
     assert f"--include {VAE_FILE}" in str(info.value)
+
+
+def test_the_probe_goes_to_the_proxy_when_one_is_set(monkeypatch):
+    for proxy in PROXY_VARIABLES:
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    reason = model_config._hub_unreachable("https://modelscope.cn", timeout=2.5)
+    assert reason is not None and reason.startswith("cannot connect to 127.0.0.1:9")
 
 
 def test_only_modelscope_downloads(tmp_path, hub):

@@ -73,7 +73,8 @@ def _meta(module_class: type[torch.nn.Module], config: Any) -> torch.nn.Module:
         return module_class(config)
 
 
-def random_state_dict(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_state_dict(module: torch.nn.Module, seed: int,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Seeded N(0, small) values for every tensor of ``module`` (norm scales around 1), non-zero.
 
     Matrices get std 1/sqrt(fan-in) so that activations stay in range through the tiny networks.

@@ -208,13 +208,14 @@ def _allow_pattern(pattern: str) -> str | None:
 
 
 def _matches(local_dir: Path, patterns: list[str]) -> list[Path]:
-    """What the patterns name on disk: matched files/folders (sorted), or the folder itself."""
+    """What the patterns name on disk: matched files/non-empty folders (sorted), or the folder itself."""
     out: list[Path] = []
     for pattern in patterns:
         if not pattern or pattern.endswith("/"):
             found = [local_dir / pattern] if _has_files(local_dir / pattern) else []
         else:
             found = [local_dir / rel for rel in sorted(glob.glob(pattern, root_dir=local_dir))]
+            found = [p for p in found if p.is_file() or _has_files(p)]  # an empty folder is no download
         out.extend(p for p in found if p not in out)
     return out
 
@@ -229,7 +230,8 @@ def _missing(local_dir: Path, patterns: list[str]) -> dict[str, str]:
             continue
         absent = _absent_shards(found)
         if absent:
-            missing[pattern] = f"{len(absent)} shards absent: {', '.join(absent[:4])}{' ...' if len(absent) > 4 else ''}"
+            more = " ..." if len(absent) > 4 else ""
+            missing[pattern] = f"{len(absent)} shards absent: {', '.join(absent[:4])}{more}"
     return missing
 
 
