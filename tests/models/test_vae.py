@@ -3,15 +3,22 @@ inference and input validation. Tiny widths (dim 4) keep the whole file to a few
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from wan_models.vae import StreamCache, VAEConfig, WanVAE, config_from_state_dict
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _inference() -> Iterator[None]:
+    with torch.no_grad():
+        yield
 
 
+@torch.no_grad()
 def _random_vae(config: VAEConfig, seed: int = 0) -> WanVAE:
     """A VAE with the fixtures' random init: weights N(0, 1/fan_in), biases N(0, 0.1), gamma 1 + N(0, 0.1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -96,6 +103,19 @@ def test_stream_cache_holds_two_frames_and_does_not_grow(tiny: WanVAE) -> None:
         sizes.append(cache.nbytes)
         assert all(frames.shape[2] <= 2 for frames in cache._past.values())
     assert len(set(sizes[2:])) == 1, sizes
+
+
+def test_gradients_flow_and_match_the_inference_path() -> None:
+    """With autograd on, the allocating path runs (in-buffer ``out=`` kernels have no autograd):
+    same values as under no_grad up to float32 noise, and backward reaches the first layer."""
+    model = _random_vae(VAEConfig(dim=4), seed=9)
+    video = _video(1, 5, 16, 24)
+    expected = model.encode(video)
+    with torch.enable_grad():
+        z = model.encode(video)
+        model.decode(z, tiled=True, tile_size=(1, 2), tile_stride=(1, 1)).square().mean().backward()
+    torch.testing.assert_close(z.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert model.encoder.conv1.weight.grad.abs().sum() > 0
 
 
 # ---- tiling ---------------------------------------------------------------------------------------

@@ -149,16 +149,22 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return F.normalize(x, dim=1, out=out).mul_(self.scale).mul_(self.gamma)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: StreamCache,
                     dropout: nn.Dropout | None = None) -> torch.Tensor:
-    """RMSNorm -> SiLU (-> dropout) -> causal conv, with the activations written straight into the
-    conv's ``[past | new]`` buffer (no concatenation copy)."""
+    """RMSNorm -> SiLU (-> dropout) -> causal conv. Without autograd the activations are written
+    straight into the conv's ``[past | new]`` buffer (no concatenation copy, no temporaries), with
+    the same operations in the same order; ``out=`` and in-place kernels have no autograd, so with
+    gradients on the allocating path runs."""
+    if torch.is_grad_enabled():
+        h = F.silu(norm(x))
+        return conv(h if dropout is None else dropout(h), cache)
     stream, new = conv.input_buffer(x, cache)
-    F.silu(norm(x, out=new), inplace=True)
+    F.normalize(x, dim=1, out=new).mul_(norm.scale).mul_(norm.gamma)
+    F.silu(new, inplace=True)
     if dropout is not None:
         F.dropout(new, dropout.p, dropout.training, inplace=True)
     return conv.convolve(stream, cache)
