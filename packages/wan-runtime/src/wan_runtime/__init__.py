@@ -3,6 +3,7 @@
 ``from wan_runtime import WanVideoPipeline, ModelConfig, save_video`` mirrors the seed's API.
 """
 
+from wan_runtime.model_config import ModelConfig, ModelFilesMissing
 from wan_runtime.pipeline import WanVideoPipeline
 from wan_runtime.request import GenerationRequest
 from wan_runtime.schedulers import (
@@ -12,13 +13,19 @@ from wan_runtime.schedulers import (
     Scheduler,
     make_scheduler,
 )
+from wan_runtime.video_io import load_image, load_video, save_video
 
 __all__ = [
     "FlowDPMPPScheduler",
     "FlowEulerScheduler",
     "FlowUniPCScheduler",
     "GenerationRequest",
+    "ModelConfig",
+    "ModelFilesMissing",
     "Scheduler",
     "WanVideoPipeline",
+    "load_image",
+    "load_video",
     "make_scheduler",
+    "save_video",
 ]

@@ -1,0 +1,3 @@
+from wan_cli.main import main
+
+main()

@@ -1,0 +1,148 @@
+"""``wan generate``: every pipeline input as a flag; prints where the video went and stage times."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from .options import DTYPES, default_device, load_config, torch_dtype
+
+CAMERA_DIRECTIONS = ("Left", "Right", "Up", "Down", "LeftUp", "LeftDown", "RightUp", "RightDown")
+SAMPLERS = ("euler", "unipc", "dpmpp")
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage, for the closing summary line."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {sec:.1f}s" for name, sec in self.seconds.items())
+
+
+def _sliding_window(value: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    if value is None:
+        return None, None
+    try:
+        size, stride = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not SIZE:STRIDE in latent frames, e.g. 9:4",
+                                 param_hint="--sliding-window") from None
+    return size, stride
+
+
+def generate(
+    prompt: str = typer.Option("", "--prompt", "-p", help="What the video shows."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="What to steer away from (with CFG)."),
+    model: str = typer.Option(..., "--model", "-m", help="Registry name (see `wan models`) or a local model folder."),
+    output: Path = typer.Option(Path("output.mp4"), "--output", "-o", help="Where to write the mp4."),
+    image: Optional[Path] = typer.Option(None, "--image", help="First frame (I2V, FLF2V, Fun InP, camera)."),
+    end_image: Optional[Path] = typer.Option(None, "--end-image", help="Last frame (FLF2V, Fun InP)."),
+    video: Optional[Path] = typer.Option(None, "--video", help="Input video for video-to-video."),
+    denoising_strength: float = typer.Option(1.0, "--denoising-strength", min=0.0, max=1.0,
+                                             help="How much of --video to repaint (0..1)."),
+    control_video: Optional[Path] = typer.Option(None, "--control-video", help="Fun Control video (depth, pose, ...)."),
+    reference_image: Optional[Path] = typer.Option(None, "--reference-image", help="Fun V1.1 reference image."),
+    camera_direction: Optional[str] = typer.Option(None, "--camera-direction",
+                                                   help=f"Camera motion: {', '.join(CAMERA_DIRECTIONS)}."),
+    camera_speed: float = typer.Option(1 / 54, "--camera-speed", min=0.0, help="Camera speed per frame."),
+    vace_video: Optional[Path] = typer.Option(None, "--vace-video", help="VACE control/source video."),
+    vace_mask: Optional[Path] = typer.Option(None, "--vace-mask", help="VACE mask video (white = generate)."),
+    vace_reference: Optional[Path] = typer.Option(None, "--vace-reference", help="VACE reference image."),
+    vace_scale: float = typer.Option(1.0, "--vace-scale", help="Strength of the VACE hints."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (same seed, same video)."),
+    height: int = typer.Option(480, "--height", min=16, help="Pixels; rounded up to a multiple of 16."),
+    width: int = typer.Option(832, "--width", min=16, help="Pixels; rounded up to a multiple of 16."),
+    frames: int = typer.Option(81, "--frames", min=1, help="Frame count; rounded up to 4k+1."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
+    cfg_scale: float = typer.Option(5.0, "--cfg-scale", min=0.0, help="Classifier-free guidance (1 = off)."),
+    sigma_shift: float = typer.Option(5.0, "--sigma-shift", min=0.0, help="Schedule time shift (> 0)."),
+    sampler: str = typer.Option("euler", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
+    motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,
+                                                   help="Speed control (with the speedcontrol model)."),
+    tiled: bool = typer.Option(True, "--tiled/--no-tiled", help="Tiled VAE encode/decode (less memory)."),
+    sliding_window: Optional[str] = typer.Option(None, "--sliding-window",
+                                                 help="SIZE:STRIDE in latent frames: DiT over blended windows."),
+    fps: int = typer.Option(15, "--fps", min=1, help="Frames per second of the mp4."),
+    quality: int = typer.Option(5, "--quality", min=0, max=10, help="mp4 quality 0..10 (10 best)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if present)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help=f"One of {', '.join(DTYPES)}."),
+    models_dir: Path = typer.Option(Path("models"), "--models-dir", help="Where registry models are stored."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=load_config,
+                                          help="TOML file of option defaults (keys = flag names)."),
+) -> None:
+    """Generate a video and write it as an mp4."""
+    if camera_direction is not None and camera_direction not in CAMERA_DIRECTIONS:
+        raise typer.BadParameter(f"{camera_direction!r} is not one of {', '.join(CAMERA_DIRECTIONS)}",
+                                 param_hint="--camera-direction")
+    if sampler not in SAMPLERS:
+        raise typer.BadParameter(f"{sampler!r} is not one of {', '.join(SAMPLERS)}", param_hint="--sampler")
+    if sigma_shift <= 0:
+        raise typer.BadParameter(f"{sigma_shift} must be > 0", param_hint="--sigma-shift")
+    if output.suffix.lower() != ".mp4":
+        raise typer.BadParameter(f"{output} must end in .mp4", param_hint="--output")
+    window_size, window_stride = _sliding_window(sliding_window)
+    dtype_ = torch_dtype(dtype)
+
+    from tqdm import tqdm
+
+    from wan_runtime import WanVideoPipeline
+    from wan_runtime.video_io import load_image, load_video, save_video
+
+    from .model_source import resolve_model
+
+    timer = StageTimer()
+    source = resolve_model(model)
+    progress = (lambda x: x) if quiet else (lambda x: tqdm(x, desc="denoise", unit="step"))
+    with timer.stage("read"):
+        from wan_runtime.request import GenerationRequest
+
+        # The request rounds sizes (and says so); media are then read at the rounded size.
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, denoising_strength=denoising_strength,
+            camera_control_direction=camera_direction, camera_control_speed=camera_speed, vace_scale=vace_scale,
+            seed=seed, height=height, width=width, num_frames=frames, cfg_scale=cfg_scale,
+            num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, motion_bucket_id=motion_bucket_id,
+            tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride)
+        size = dict(height=request.height, width=request.width)
+        for field, path in (("input_image", image), ("end_image", end_image), ("reference_image", reference_image),
+                            ("vace_reference_image", vace_reference)):
+            if path is not None:
+                setattr(request, field, load_image(path, **size))
+        for field, path in (("input_video", video), ("control_video", control_video), ("vace_video", vace_video),
+                            ("vace_video_mask", vace_mask)):
+            if path is not None:
+                setattr(request, field, load_video(path, num_frames=request.num_frames, **size))
+    with timer.stage("load"):
+        pipe = WanVideoPipeline.from_pretrained(torch_dtype=dtype_, device=device or default_device(),
+                                                model_configs=source.model_configs,
+                                                tokenizer_config=source.tokenizer_config,
+                                                local_model_path=str(models_dir))
+    import torch
+
+    with timer.stage("encode"), torch.no_grad():
+        cond = pipe.prepare(request)
+    with timer.stage("denoise"), torch.no_grad():
+        latents = pipe.denoise(request, cond, progress_bar_cmd=progress)
+    with timer.stage("decode"), torch.no_grad():
+        video_frames = pipe.decode(latents, request)
+    with timer.stage("save"):
+        save_video(video_frames, output, fps=fps, quality=quality)
+    typer.echo(f"wrote {output} ({len(video_frames)} frames, {video_frames[0].width}x{video_frames[0].height}); "
+               f"{timer.summary()}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)

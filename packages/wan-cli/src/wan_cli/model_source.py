@@ -1,0 +1,59 @@
+"""``--model``: a registry name (files fetched into the models folder) or a local model folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import wan_models
+from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
+from wan_runtime.model_config import ModelConfig
+
+NETWORK_PATTERNS = (DIT_FILES, T5_FILE, VAE_FILE, CLIP_FILE, "model.safetensors")
+
+
+@dataclass
+class ModelSource:
+    """The ``ModelConfig``s of one model and of its tokenizer folder."""
+
+    name: str
+    model_configs: list[ModelConfig]
+    tokenizer_config: ModelConfig
+
+
+def registry_source(name: str) -> ModelSource:
+    """Files of registry entry ``name``, as ModelScope patterns (a speed-control entry adds its base)."""
+    spec = wan_models.get_model_spec(name)
+    configs = [ModelConfig(model_id=spec.model_id, origin_file_pattern=p) for p in spec.files if not p.endswith("/")]
+    if spec.base_model is not None:
+        base = wan_models.get_model_spec(spec.base_model)
+        configs = [ModelConfig(model_id=base.model_id, origin_file_pattern=p)
+                   for p in base.files if not p.endswith("/")] + configs
+        spec = base
+    tokenizer = ModelConfig(model_id=spec.model_id, origin_file_pattern=T5_TOKENIZER)
+    return ModelSource(name, configs, tokenizer)
+
+
+def folder_source(folder: Path) -> ModelSource:
+    """Every network file found in a local folder laid out like a released repository."""
+    configs = []
+    for pattern in NETWORK_PATTERNS:
+        found = sorted(folder.glob(pattern))
+        if found:
+            configs.append(ModelConfig(path=[str(p) for p in found]))
+    if not configs:
+        raise FileNotFoundError(f"{folder} holds no Wan model file (looked for {', '.join(NETWORK_PATTERNS)})")
+    tokenizer = folder / T5_TOKENIZER
+    if not tokenizer.is_dir():
+        raise FileNotFoundError(f"{folder} has no tokenizer folder {T5_TOKENIZER} (the umT5 tokenizer files)")
+    return ModelSource(str(folder), configs, ModelConfig(path=str(tokenizer)))
+
+
+def resolve_model(model: str) -> ModelSource:
+    """A registry name or an existing folder; anything else is an error listing the names."""
+    if Path(model).is_dir():
+        return folder_source(Path(model))
+    if model in wan_models.MODELS:
+        return registry_source(model)
+    raise ValueError(f"--model {model!r} is neither a folder nor a known model; known models: "
+                     f"{', '.join(wan_models.MODELS)} (see `wan models`)")

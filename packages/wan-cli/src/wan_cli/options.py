@@ -1,0 +1,47 @@
+"""Shared option parsing: torch dtypes and devices by name, TOML config files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise typer.BadParameter(f"{name!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
+    return getattr(torch, name)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_config(ctx: typer.Context, _param: typer.CallbackParam, path: Path | None) -> Path | None:
+    """Eager ``--config`` callback: TOML keys (flag names with - or _) become option defaults."""
+    if path is None:
+        return None
+    try:
+        data: dict[str, Any] = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise typer.BadParameter(f"cannot read {path}: {e}", param_hint="--config") from None
+    known = {p.name for p in ctx.command.params}
+    defaults = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise typer.BadParameter(f"{path} sets unknown options {unknown}", param_hint="--config")
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
