@@ -22,5 +22,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Until the embedded default model lands, the demo runs a tiny random model written on the fly
+# (real architecture and file layout, random weights: the video is noise, the path is real).
+DEMO_MODELS := .cache/demo-models
+demo: $(STAMP)
+	$(PY) -m wan_runtime.tiny_release $(DEMO_MODELS) Wan2.1-T2V-1.3B
+	$(VENV)/bin/wan generate --model $(DEMO_MODELS)/Wan-AI/Wan2.1-T2V-1.3B \
+		--prompt "a red circle moving left on a white background" \
+		--height 64 --width 64 --frames 17 --steps 10 --seed 0 \
+		--device cpu --dtype float32 --output out/demo.mp4
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .cache out

@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import pytest
 
-from runtime import tiny_release
+from wan_runtime import tiny_release
 
 WAN = [sys.executable, "-m", "wan_cli"]
 SMALL = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "2", "--device", "cpu",

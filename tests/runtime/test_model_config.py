@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from runtime import tiny_release
+from wan_runtime import tiny_release
 from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
 from wan_runtime import model_config
 from wan_runtime.model_config import ModelConfig, ModelFilesMissing, redirect_common_files

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import wan_models
-from runtime import tiny_release
+from wan_runtime import tiny_release
 from wan_models.configs import T5_FILE, T5_TOKENIZER
 from wan_runtime.text import Prompter, clean_prompt
 

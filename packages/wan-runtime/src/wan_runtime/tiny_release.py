@@ -1,4 +1,7 @@
-"""Tiny random Wan 2.1 releases on disk, in the released folder layout and file names (not a test file).
+"""Tiny random Wan 2.1 releases on disk, in the released folder layout and file names.
+
+For tests, demos and smoke checks where real weights cannot be downloaded: everything loads and
+runs exactly like a released model, at a few MB, but generates noise.
 
 ``write_release(root, "Wan2.1-T2V-1.3B")`` writes ``root/Wan-AI/Wan2.1-T2V-1.3B/`` with the DiT
 (``diffusion_pytorch_model.safetensors`` or ``-0000i-of-0000n`` shards with their index, plus the
@@ -15,7 +18,7 @@ returns at once, so a session-scoped fixture can call this freely::
         tiny_release.write_release(root, "Wan2.1-T2V-1.3B")
         return root
 
-Import it as ``from runtime import tiny_release`` (``tests`` is on the pytest path).
+Command line: ``python -m wan_runtime.tiny_release ROOT [MODEL]`` writes one release under ROOT.
 
 The tiny CLIP is 1280 wide (with a narrow MLP, 2 blocks and 28-pixel images): the head count of a
 CLIP tower is not stored in its weights and ``wan_models`` infers it only for the released width.
@@ -28,6 +31,7 @@ import io
 import json
 import math
 import random
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -251,3 +255,19 @@ def write_motion_controller(root: str | Path, dim: int = TINY_DIT_SIZES["dim"], 
     save_file(random_state_dict(_meta(MotionController, config), _model_seed(seed, SPEED_CONTROL)), str(path),
               metadata={"format": "pt"})
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m wan_runtime.tiny_release ROOT [MODEL]``: write a tiny random release, print its folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random Wan 2.1 release in the released layout.")
+    parser.add_argument("root", type=Path, help="models folder (the release goes to ROOT/<model id>/)")
+    parser.add_argument("model", nargs="?", default="Wan2.1-T2V-1.3B", choices=[m for m in MODELS if m != SPEED_CONTROL])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sys.stdout.write(f"{write_release(args.root, args.model, seed=args.seed)}\n")
+
+
+if __name__ == "__main__":
+    main()
