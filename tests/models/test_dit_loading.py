@@ -125,3 +125,10 @@ def test_import_pulls_in_nothing_else() -> None:
             "('transformers', 'diffusers', 'wan_kernels', 'wan_runtime', 'wan_train', 'wan_cli')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wrong_network_for_the_request(tmp_path) -> None:
+    save_file(random_weights(build(TINY)), tmp_path / "dit.safetensors")
+    with pytest.raises(CheckpointError, match="dit.safetensors holds a dit network, not the vae asked for"):
+        wan_models.load_model(tmp_path / "dit.safetensors", network="vae")
+    assert isinstance(wan_models.load_model(tmp_path / "dit.safetensors", network="dit"), WanDiT)

@@ -146,11 +146,13 @@ def _config_json(files: list[Path]) -> dict[str, Any]:
 
 
 def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu") -> nn.Module:
+               device: torch.device | str = "cpu", network: str | None = None) -> nn.Module:
     """Load any Wan 2.1 network file (or shards, or a diffusers ``transformer/`` or ``vae/`` folder).
 
     The file may use the official, diffusers or ComfyUI key names; the network is detected from its
     keys. fp8 weights are dequantised to ``dtype`` (default: the dtype of the file's other weights).
+    ``network`` ("dit", "vae", "t5", "clip", "motion_controller") makes a file holding another
+    network an error instead of a surprise.
     """
     files = checkpoint_files(path_or_paths)
     source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
@@ -160,7 +162,10 @@ def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dty
         sd = formats.to_official(sd, dtype)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    network = detect_network(sd)
+    found = detect_network(sd)
+    if network is not None and found.name != network:
+        raise CheckpointError(f"{source} holds a {found.name} network, not the {network} asked for")
+    network = found
     sd = network.module_keys(sd)
     config_json = _config_json(files)
     from_diffusers = formats.diffusers.is_diffusers_config(config_json)
