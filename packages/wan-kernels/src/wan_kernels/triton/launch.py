@@ -1,0 +1,33 @@
+"""When a fused kernel may run, shared by the four op wrappers.
+
+A kernel runs on CUDA tensors, or on CPU tensors when it was built for Triton's interpreter
+(``TRITON_INTERPRET=1`` set before these modules were imported; how the tests run on CPU).
+Anything else, and any call that needs autograd, goes to the torch reference op.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` was built for Triton's CPU interpreter."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def use_kernel(kernel: object, *tensors: torch.Tensor) -> bool:
+    """Whether ``kernel`` can take ``tensors``: one device it runs on, fused dtypes, no autograd."""
+    device = tensors[0].device
+    if device.type != ("cpu" if interpreted(kernel) else "cuda"):
+        return False
+    if any(t.device != device or t.dtype not in FUSED_DTYPES for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def num_warps(block: int) -> int:
+    """Warps for a program handling ``block`` elements (about 256 elements per warp, 1..16)."""
+    return max(1, min(16, block // 256))
