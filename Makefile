@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := $(sort $(wildcard packages/*))
+# Dependency order (models <- kernels <- runtime <- train <- cli): older pips resolve editables in order.
+PACKAGES := $(wildcard $(addprefix packages/,wan-models wan-kernels wan-runtime wan-train wan-cli))
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo install clean
