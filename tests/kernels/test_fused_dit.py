@@ -25,6 +25,18 @@ def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((a - e).norm() / e.norm())
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 matmuls/convolutions on GPU, so float32 comparisons mean float32."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 @pytest.fixture
 def kernels_only(monkeypatch):
     """Fused ops whose torch fallback raises, so the DiT provably ran every Triton kernel."""

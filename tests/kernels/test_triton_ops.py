@@ -80,8 +80,8 @@ def test_apply_rope(dim: int, heads: int, dtype: torch.dtype, device, no_fallbac
 
 
 def test_apply_rope_non_contiguous_and_odd_sizes(device, no_fallback) -> None:
-    cos, sin = rope_tables(48, (3, 2, 5), device)  # head dim 48: 12/6/6 pairs, 30 tokens
-    x = torch.randn(2, 3, 30, 48, generator=_gen(5)).to(device).transpose(1, 2)  # [B, L, H, D] view
+    cos, sin = rope_tables(64, (3, 2, 5), device)  # 30 tokens, 3 heads (one head per program)
+    x = torch.randn(2, 3, 30, 64, generator=_gen(5)).to(device).transpose(1, 2)  # [B, L, H, D] view
     assert not x.is_contiguous()
     out = fused.fused_ops()["apply_rope"](x, cos, sin)
     torch.testing.assert_close(out, ops.apply_rope(x, cos, sin), **TOL[torch.float32])
@@ -134,6 +134,9 @@ def test_fallbacks_for_autograd_and_unsupported_inputs(device) -> None:
     xh = x.detach().unflatten(-1, (2, 8))
     torch.testing.assert_close(f["apply_rope"](xh, angles.cos(), angles.sin()),
                                ops.apply_rope(xh, angles.cos(), angles.sin()), rtol=0, atol=0)
+    cos, sin = rope_tables(48, (1, 1, 5), device)  # head dim 48 (not a power of two)
+    x48 = torch.randn(1, 5, 2, 48, device=device)
+    torch.testing.assert_close(f["apply_rope"](x48, cos, sin), ops.apply_rope(x48, cos, sin), rtol=0, atol=0)
 
 
 def test_kernel_path_is_taken_on_this_machine(device) -> None:
