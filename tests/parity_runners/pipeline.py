@@ -33,7 +33,7 @@ def pipeline(case: ParityCase) -> dict[str, torch.Tensor]:
     out = {"noise": noise, "latents": latents, "latents_per_step": torch.stack(steps),
            "timesteps": pipe.scheduler.timesteps, "sigmas": pipe.scheduler.sigmas[:len(pipe.scheduler.timesteps)]}
     if request.tea_cache_l1_thresh is not None:
-        out["skipped_posi"], out["skipped_nega"] = (torch.tensor(s, dtype=torch.int64) for s in pipe.tea_cache_skips)
+        out["skipped_posi"], out["skipped_nega"] = (torch.tensor(s, dtype=torch.int64) for s in pipe.step_cache_skips)
     return out
 
 

@@ -56,6 +56,10 @@ class GenerationRequest:
     sliding_window_stride: int | None = None
     tea_cache_l1_thresh: float | None = None
     tea_cache_model_id: str = ""
+    mag_cache_thresh: float | None = None
+    mag_cache_ratios: Sequence[float] | Sequence[Sequence[float]] | None = None
+    mag_cache_max_skip_steps: int = 2
+    mag_cache_retention_ratio: float = 0.2
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +89,11 @@ class GenerationRequest:
             if self.sliding_window_stride > self.sliding_window_size:
                 raise ValueError(f"sliding_window_stride {self.sliding_window_stride} exceeds "
                                  f"sliding_window_size {self.sliding_window_size}")
+        if self.tea_cache_l1_thresh is not None and self.mag_cache_thresh is not None:
+            raise ValueError("choose one step cache: tea_cache_l1_thresh or mag_cache_thresh, not both")
+        if self.mag_cache_thresh is not None and self.mag_cache_ratios is None:
+            raise ValueError("mag_cache_thresh needs mag_cache_ratios from "
+                             "wan_runtime.caching.calibrate_magcache(pipe, ...) for this model")
         if self.input_video is not None and self.denoising_strength == 1.0:
             logger.info("input_video with denoising_strength=1.0 starts from pure noise: the video only "
                         "sets the size; lower denoising_strength to keep its content")

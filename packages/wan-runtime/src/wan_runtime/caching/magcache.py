@@ -1,0 +1,110 @@
+"""MagCache: skip the blocks while the calibrated change of the residual's magnitude stays small.
+
+The blocks' residual (output minus input) shrinks or grows by a steady ratio from step to step,
+which a calibration run measures once per model and step count (:func:`calibrate_magcache`). At
+generation time the ratios of consecutive skipped steps are multiplied; their accumulated distance
+from 1 estimates the error of reusing the last computed residual. Steps are skipped while that
+error stays under ``threshold`` and at most ``max_skip_steps`` in a row; the first
+``retention_ratio`` of the schedule always computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resample_ratios(ratios: Sequence[float], steps: int) -> list[float]:
+    """Calibrated ratios for another step count (nearest calibrated step at the same schedule position)."""
+    if not ratios:
+        raise ValueError("mag_cache_ratios is empty; run calibrate_magcache first")
+    if len(ratios) == steps:
+        return list(ratios)
+    last = len(ratios) - 1
+    return [float(ratios[int(i * last / max(steps - 1, 1) + 0.5)]) for i in range(steps)]
+
+
+class MagCache:
+    """Skip decisions and cached residual for one CFG branch over one generation."""
+
+    def __init__(self, num_steps: int, ratios: Sequence[float], threshold: float = 0.04,
+                 max_skip_steps: int = 2, retention_ratio: float = 0.2) -> None:
+        if threshold < 0:
+            raise ValueError(f"mag_cache_thresh must be >= 0, got {threshold!r}")
+        if max_skip_steps < 0:
+            raise ValueError(f"mag_cache_max_skip_steps must be >= 0, got {max_skip_steps!r}")
+        if not 0.0 <= retention_ratio <= 1.0:
+            raise ValueError(f"mag_cache_retention_ratio must be in [0, 1], got {retention_ratio!r}")
+        self.ratios = resample_ratios(ratios, num_steps)
+        self.threshold, self.max_skip_steps = threshold, max_skip_steps
+        self.retained = int(round(retention_ratio * num_steps))
+        self.num_steps = num_steps
+        self.step = 0
+        self._reset()
+        self.residual: torch.Tensor | None = None
+        self.skipped: list[bool] = []
+
+    def _reset(self) -> None:
+        self.ratio, self.error, self.run_length = 1.0, 0.0, 0
+
+    def should_skip(self) -> bool:
+        """Decide for this step (called once per step, before the blocks)."""
+        step, self.step = self.step, self.step + 1
+        skip = False
+        if self.retained <= step < self.num_steps - 1 and self.residual is not None:
+            self.ratio *= self.ratios[step]
+            self.error += abs(1.0 - self.ratio)
+            self.run_length += 1
+            skip = self.error <= self.threshold and self.run_length <= self.max_skip_steps
+        if not skip:
+            self._reset()
+        self.skipped.append(skip)
+        return skip
+
+    def run(self, dit, inputs) -> torch.Tensor:
+        """The blocks' output for ``inputs`` (a ``wan_models.DiTInputs``), computed or reused."""
+        if self.should_skip():
+            return inputs.tokens + self.residual
+        tokens = dit.run_blocks(inputs)
+        self.residual = tokens - inputs.tokens
+        return tokens
+
+
+class ResidualRecorder:
+    """A cache stand-in that always computes and records each step's residual magnitude ratio."""
+
+    def __init__(self) -> None:
+        self.previous_norm: float | None = None
+        self.ratios: list[float] = []
+        self.skipped: list[bool] = []
+
+    def run(self, dit, inputs) -> torch.Tensor:
+        tokens = dit.run_blocks(inputs)
+        norm = (tokens - inputs.tokens).float().norm(dim=-1).mean().item()
+        self.ratios.append(1.0 if not self.previous_norm else norm / self.previous_norm)
+        self.previous_norm = norm
+        self.skipped.append(False)
+        return tokens
+
+
+def calibrate_magcache(pipe, progress_bar_cmd=lambda x: x, **call_kwargs) -> list[list[float]]:
+    """Run one full generation recording residual magnitude ratios; one list per CFG branch.
+
+    ``call_kwargs`` are the pipeline call's (prompt, sizes, steps, ...). Pass the result as
+    ``mag_cache_ratios`` to later calls with the same model and step count (other step counts are
+    resampled).
+    """
+    from ..request import GenerationRequest
+
+    embeds = {k: call_kwargs.pop(k) for k in ("prompt_embeds", "negative_prompt_embeds") if k in call_kwargs}
+    request = GenerationRequest(**call_kwargs, extra=embeds)
+    with torch.no_grad():
+        cond = pipe.prepare(request)
+        recorders = [ResidualRecorder() for _ in range(2 if request.uses_cfg else 1)]
+        pipe.denoise(request, cond, progress_bar_cmd=progress_bar_cmd, caches=recorders)
+    logger.info("MagCache calibration: %d steps, %d branch(es)", len(recorders[0].ratios), len(recorders))
+    return [r.ratios for r in recorders]
