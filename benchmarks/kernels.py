@@ -7,6 +7,10 @@ are float32 too). GB/s counts each input read once and the output written once, 
 traffic the op needs. On CPU the latent frame count is cut to ``--cpu-frames`` (default 1: 1560
 and 3600 tokens) and only the torch rows are printed: the fused kernels need a CUDA GPU (Triton's CPU interpreter is for tests).
 
+A second table times one DiT linear (the FFN's first projection, 1.3B: 1536->8960, 14B:
+5120->13824) on the same tokens: the plain layer, ``FP8Linear`` dequantising per call, and on
+sm89+/sm90 GPUs ``FP8Linear(scaled_mm=True)``; relative L2 error against the plain layer.
+
     python benchmarks/kernels.py [--repeats 20] [--warmup 3]
 """
 
@@ -19,10 +23,14 @@ from typing import Callable
 
 import torch
 
+from torch import nn
+
+from wan_kernels import FP8Linear
 from wan_models import ops
 from wan_models.rope import rope_tables
 
 SHAPES = {"1.3B-480P": (1536, 12, (21, 30, 52)), "14B-720P": (5120, 40, (21, 45, 80))}  # width, heads, grid
+FFN_DIM = {1536: 8960, 5120: 13824}
 HEAD_DIM = 128
 
 
@@ -112,6 +120,33 @@ def main() -> None:
                     diff = (fn(*call_args).float() - reference.float()).abs().max().item()
                 print(f"{shape:<10} {tokens:>6} {name:<15} {impl:<7} {seconds * 1e3:>9.3f} {moved / seconds / 1e9:>8.1f}  {diff:.2e}")
             del call_args, reference
+    linear_table(device, linear_dtype, gen, args)
+
+
+def linear_table(device: torch.device, dtype: torch.dtype, gen: torch.Generator, args: argparse.Namespace) -> None:
+    """One FFN projection per model size: plain vs FP8 storage (dequantise, and _scaled_mm on GPU)."""
+    header = f"{'shape':<10} {'tokens':>6} {'linear':<20} {'ms':>9} {'TFLOP/s':>8}  rel. L2 vs plain"
+    print()
+    print(header)
+    print("-" * len(header))
+    for shape, (dim, _, grid) in SHAPES.items():
+        if device.type != "cuda":
+            grid = (args.cpu_frames, *grid[1:])
+        tokens = grid[0] * grid[1] * grid[2]
+        plain = nn.Linear(dim, FFN_DIM[dim], device=device, dtype=dtype)
+        layers = {"plain": plain, "fp8 dequantise": FP8Linear.from_linear(plain)}
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+            layers["fp8 scaled_mm"] = FP8Linear.from_linear(plain, scaled_mm=True)
+        x = torch.randn(1, tokens, dim, generator=gen, device=device, dtype=dtype)
+        with torch.no_grad():
+            reference = plain(x).float()
+            for label, layer in layers.items():
+                seconds = median_seconds(lambda: layer(x), device, args.warmup, args.repeats)
+                out = layer(x).float()
+                error = ((out - reference).norm() / reference.norm()).item()
+                flops = 2 * tokens * dim * FFN_DIM[dim]
+                print(f"{shape:<10} {tokens:>6} {label:<20} {seconds * 1e3:>9.3f} {flops / seconds / 1e12:>8.3g}  {error:.2e}")
+        del layers, plain, x, reference
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class AttentionReport:
     plugin_errors: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        state = "installed" if self.installed else "not installed (wan_models uses its own default)"
+        state = "installed" if self.installed else "not installed"
         lines = [f"attention: {self.active} (choice {self.choice!r} from {self.source}; {state})"]
         if self.fallbacks:
             lines.append(f"  per-call fallbacks: {' > '.join(self.fallbacks)}")

@@ -1,7 +1,7 @@
 """When a fused kernel may run, shared by the four op wrappers.
 
 A kernel runs on CUDA tensors, or on CPU tensors when it was built for Triton's interpreter
-(``TRITON_INTERPRET=1`` set before these modules were imported; how the tests run on CPU).
+(built and run with ``TRITON_INTERPRET=1``: how the tests run on CPU).
 Anything else, and any call that needs autograd, goes to the torch reference op.
 """
 
