@@ -145,3 +145,25 @@ def test_kernel_path_is_taken_on_this_machine(device) -> None:
     from wan_kernels.triton.rmsnorm import _rms_norm_kernel
 
     assert use_kernel(_rms_norm_kernel, torch.ones(2, device=device))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA only: it is used only there, and Triton 3.7's interpreter converts to fp8 "
+                           "without carrying a rounded-up mantissa into the exponent (126 -> 64)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_row_quantisation(dtype: torch.dtype, device) -> None:
+    """The fused activation quantiser of the ``_scaled_mm`` path: scales exact (amax/448), values
+    within one e4m3 step of the torch expression (2^-3 relative)."""
+    from wan_kernels.fp8 import FP8_MAX, quantize_activations
+    from wan_kernels.triton.fp8_quant import quantize_rows
+
+    x = (torch.randn(40, 1536, generator=_gen(13)) * torch.logspace(-2, 1, 40)[:, None]).to(device, dtype)
+    x[7] = 0
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (40, 1)
+    torch.testing.assert_close(scale, x.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / FP8_MAX,
+                               rtol=1e-6, atol=0)
+    q_ref, _ = quantize_activations(x.cpu(), per_row=True)  # the torch expression
+    step = q_ref.float().abs() * 2**-3 + 2**-9
+    assert ((q.float().cpu() - q_ref.float()).abs() <= step).all()
+    assert (q[7].float() == 0).all()
