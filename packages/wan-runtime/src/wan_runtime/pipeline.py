@@ -21,6 +21,7 @@ from wan_models.vae import WanVAE
 from .caching import TeaCache
 from .denoise import predict, predict_windows
 from .images import tensor_to_frames
+from .parallel import SequenceParallel, enable_usp, init_process_group
 from .request import GenerationRequest
 from .schedulers import make_scheduler
 from .units import Conditioning, Unit, camera, control, image, noise, prompt, speed, vace
@@ -72,6 +73,7 @@ class WanVideoPipeline:
         self.prompter = None
         self.scheduler = make_scheduler("euler", shift=5.0)
         self.units: list[Unit] = list(UNITS)
+        self.sequence_parallel: SequenceParallel | None = None  # set by parallel.enable_usp
 
     # -- networks ---------------------------------------------------------------------------------
 
@@ -99,9 +101,13 @@ class WanVideoPipeline:
         """Resolve (download if needed) and load every model file; networks are detected by content.
 
         ``tokenizer_config`` defaults to the umT5 tokenizer folder of Wan-AI/Wan2.1-T2V-1.3B.
+        ``use_usp=True`` (under torchrun) joins the process group, puts each rank on its own GPU and
+        splits the DiT's tokens across the ranks (see :mod:`wan_runtime.parallel`).
         """
         from .model_config import ModelConfig, redirect_common_files as redirect
 
+        if use_usp:
+            device = init_process_group(device)
         if tokenizer_config is None:
             tokenizer_config = ModelConfig(model_id="Wan-AI/Wan2.1-T2V-1.3B", origin_file_pattern="google/*")
         configs = redirect(list(model_configs)) if redirect_common_files else list(model_configs)
@@ -118,6 +124,8 @@ class WanVideoPipeline:
             folder = folder[0] if isinstance(folder, (list, tuple)) else folder
             folder = folder if folder.is_dir() else folder.parent
             pipe.prompter = Prompter.from_folder(folder, pipe.text_encoder)
+        if use_usp:
+            enable_usp(pipe)
         return pipe
 
     @property
@@ -201,12 +209,13 @@ class WanVideoPipeline:
         return negative + request.cfg_scale * (positive - negative)
 
     def _predict(self, request, latents, timestep, inputs, cache) -> torch.Tensor:
+        dit = self.dit if self.sequence_parallel is None else self.sequence_parallel.wrap(self.dit)
         if request.sliding_window_size is not None:
             if cache is not None:
                 raise ValueError("TeaCache and sliding windows cannot be combined")
-            return predict_windows(self.dit, latents, timestep, inputs,
+            return predict_windows(dit, latents, timestep, inputs,
                                    request.sliding_window_size, request.sliding_window_stride)
-        return predict(self.dit, latents, timestep, inputs, cache)
+        return predict(dit, latents, timestep, inputs, cache)
 
     def decode(self, latents: torch.Tensor, request: GenerationRequest) -> list[Image.Image]:
         if self.vae is None:
