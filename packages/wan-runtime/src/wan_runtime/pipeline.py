@@ -245,12 +245,17 @@ class WanVideoPipeline:
         """
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__) - {"extra"}
+        unknown = set(kwargs) - (set(GenerationRequest.__dataclass_fields__) - {"extra"})
         if unknown:
             raise TypeError(f"unknown arguments {sorted(unknown)}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
         cond = self.prepare(request)
+        if self.dit.config.image_input and "y" not in cond.shared:
+            config = self.dit.config
+            needed = ("input_image and camera_control_direction" if config.camera_in_dim is not None
+                      else "control_video" if config.in_dim == 3 * self.latent_channels else "input_image")
+            raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {needed}")
         latents = self.denoise(request, cond, progress_bar_cmd, step_callback)
         return latents if output_type == "latent" else self.decode(latents, request)
 

@@ -20,8 +20,10 @@ returns at once, so a session-scoped fixture can call this freely::
 
 Command line: ``python -m wan_runtime.tiny_release ROOT [MODEL]`` writes one release under ROOT.
 
-The tiny CLIP is 1280 wide (with a narrow MLP, 2 blocks and 28-pixel images): the head count of a
-CLIP tower is not stored in its weights and ``wan_models`` infers it only for the released width.
+The tiny CLIP is 1280 wide (with a narrow MLP, 2 blocks): the head count of a CLIP tower is not
+stored in its weights and ``wan_models`` infers it only for the released width. It reads 32-pixel
+images in 2-pixel patches, which gives the released 257 tokens per image: the FLF2V DiT's position
+embedding is sized for exactly two images of 257 tokens.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ MARKER = ".tiny_release.json"
 TOKENIZER_VOCAB = 256
 TINY_T5 = T5Config(vocab=320, dim=32, dim_attn=32, dim_ffn=48, num_heads=2, num_layers=2, num_buckets=8)
 TINY_VAE = VAEConfig(dim=8)  # z_dim stays 16: latent statistics and DiT channels depend on it
-TINY_CLIP = CLIPVisionConfig(embed_dim=16, image_size=28, patch_size=14, vision_dim=1280, vision_mlp_ratio=0.05,
+TINY_CLIP = CLIPVisionConfig(embed_dim=16, image_size=32, patch_size=2, vision_dim=1280, vision_mlp_ratio=0.05,
                              vision_heads=16, vision_layers=2)
 TINY_DIT_SIZES = dict(dim=32, ffn_dim=48, num_heads=2, num_layers=2, freq_dim=16)
 SPEED_CONTROL = "Wan2.1-1.3B-speedcontrol-v1"

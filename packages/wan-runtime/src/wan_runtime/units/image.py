@@ -8,6 +8,7 @@ helpers here (image/video pixels, CLIP features) are shared by the other conditi
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -40,10 +41,18 @@ def video_pixels(pipe: WanVideoPipeline, request: GenerationRequest, frames: Seq
     """
     if isinstance(frames, Image.Image):
         raise TypeError(f"{name} must be a list of frames, got a single image")
+    if isinstance(frames, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a list of PIL frames, got the path {frames!r}: read it with "
+                        "wan_runtime.load_video")
     frames = list(frames)
+    bad = next((i for i, frame in enumerate(frames) if not isinstance(frame, Image.Image)), None)
+    if bad is not None:
+        raise TypeError(f"{name} must be a list of PIL frames; frame {bad} is a {type(frames[bad]).__name__}")
     if len(frames) != request.num_frames:
-        raise ValueError(f"{name} has {len(frames)} frames, but num_frames is {request.num_frames}; "
-                         f"pass num_frames={len(frames)} (4k+1) or trim the video")
+        count = len(frames)
+        fix = (f"pass num_frames={count}" if count % 4 == 1
+               else f"trim the video to 4k+1 frames (e.g. {count - (count - 1) % 4})")
+        raise ValueError(f"{name} has {count} frames, but num_frames is {request.num_frames}; {fix}")
     pixels = video_to_tensor(frames, low, high, name=name)
     if pixels.shape[-2:] != (request.height, request.width):
         raise ValueError(f"{name} frames are {frames[0].size}, expected (width, height) = "
@@ -91,6 +100,9 @@ def image(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning
     camera_model = config.camera_in_dim is not None
     if camera_model and request.end_image is not None:
         raise ValueError("end_image is not supported by Control-Camera DiTs, which take input_image only")
+    if config.image_pos_emb and request.end_image is None:
+        raise ValueError("the loaded FLF2V DiT generates from a first and a last frame: pass end_image with "
+                         "input_image")
     if request.end_image is not None and request.num_frames < 2:
         raise ValueError("end_image needs num_frames >= 5: with one frame the first and last frame coincide")
     first = image_pixels(pipe, request, request.input_image, "input_image")

@@ -30,7 +30,10 @@ def input_video(pipe, request, cond: Conditioning) -> None:
     """Video-to-video: encode ``input_video`` and noise it to the schedule's first timestep."""
     if request.input_video is None:
         return
-    latents = pipe.encode_video(video_pixels(pipe, request, request.input_video, "input_video"), request)
+    pixels = video_pixels(pipe, request, request.input_video, "input_video")
+    if request.denoising_strength == 1.0:
+        return  # the schedule starts at sigma 1: pure noise, nothing of the video is kept (any sampler)
+    latents = pipe.encode_video(pixels, request)
     if request.vace_reference_image is not None:
         reference = pipe.encode_video(reference_pixels(pipe, request), request, tiled=False)
         latents = torch.cat([reference, latents], dim=2)
