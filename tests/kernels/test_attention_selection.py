@@ -107,6 +107,12 @@ def test_explicit_unavailable_or_unknown_is_an_error(fakes: BackendRegistry) -> 
         fakes.select("nope")
 
 
+def test_auto_with_nothing_available_says_why() -> None:
+    registry = BackendRegistry([_fake("gone", 10, available=False, reason="unplugged"), MATH], group=None)
+    with pytest.raises(BackendUnavailable, match="gone: unplugged; math: name-only"):
+        registry.select("auto")
+
+
 def test_no_backend_supports_the_call() -> None:
     registry = BackendRegistry([_fake("fp16only", 10, dtypes=(torch.float16,))], group=None)
     with pytest.raises(RuntimeError, match="fp16only: dtype torch.float32 unsupported"):

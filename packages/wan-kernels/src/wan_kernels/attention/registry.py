@@ -195,6 +195,7 @@ class BackendRegistry:
         return backend
 
     def get(self, name: str) -> Backend:
+        """The backend called ``name`` (``KeyError`` listing the known names otherwise)."""
         self._load_plugins()
         try:
             return self._backends[name]
@@ -243,8 +244,8 @@ class BackendRegistry:
         if choice == AUTO:
             chain = [self.get(n) for n in self.available() if self.get(n).priority is not None]
             if not chain:
-                raise BackendUnavailable("no attention backend with a priority is available:\n"
-                                         + str(self.report(AUTO)))
+                reasons = "; ".join(f"{n}: {self.availability(n)[1] or 'name-only'}" for n in self.names())
+                raise BackendUnavailable(f"no attention backend with a priority is available ({reasons})")
             return AttentionDispatcher(AUTO, chain, source)
         backend = self.get(choice)
         ok, reason = self.availability(choice)
