@@ -18,7 +18,7 @@ from wan_models.clip import CLIPVisionTower
 from wan_models.t5 import UMT5Encoder
 from wan_models.vae import WanVAE
 
-from .caching import TeaCache
+from .caching import MagCache, TeaCache
 from .denoise import predict, predict_windows
 from .images import tensor_to_frames
 from .parallel import SequenceParallel, enable_usp, init_process_group
@@ -71,6 +71,7 @@ class WanVideoPipeline:
         self.image_encoder: CLIPVisionTower | None = None
         self.motion_controller: wan_models.MotionController | None = None
         self.prompter = None
+        self.step_cache_skips: list[list[bool]] | None = None  # per CFG branch, last call with a step cache
         self.scheduler = make_scheduler("euler", shift=5.0)
         self.units: list[Unit] = list(UNITS)
         self.sequence_parallel: SequenceParallel | None = None  # set by parallel.enable_usp
@@ -173,13 +174,15 @@ class WanVideoPipeline:
 
     def denoise(self, request: GenerationRequest, cond: Conditioning,
                 progress_bar_cmd: Callable = tqdm,
-                step_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Step the latents through the schedule with classifier-free guidance; returns final latents."""
-        branches = 2 if request.uses_cfg else 1
-        caches: list[TeaCache | None] = [None] * branches
-        if request.tea_cache_l1_thresh is not None:
-            caches = [TeaCache(len(self.scheduler.timesteps), request.tea_cache_l1_thresh,
-                               request.tea_cache_model_id) for _ in range(branches)]
+                step_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                caches: list | None = None) -> torch.Tensor:
+        """Step the latents through the schedule with classifier-free guidance; returns final latents.
+
+        ``caches`` (one per CFG branch, objects with ``run(dit, inputs)``) override the step caches
+        the request asks for.
+        """
+        if caches is None:
+            caches = self._step_caches(request)
         latents = cond.latents
         for step, t in enumerate(progress_bar_cmd(self.scheduler.timesteps)):
             # The reference casts the timestep to the pipeline dtype (bf16 runs see rounded timesteps).
@@ -188,14 +191,27 @@ class WanVideoPipeline:
             latents = self.scheduler.step(velocity.to(latents.dtype), t, latents)
             if step_callback is not None:
                 step_callback(step, t, latents)
+        self.step_cache_skips = None if caches[0] is None else [cache.skipped for cache in caches]
         if caches[0] is not None:
-            self.tea_cache_skips = [cache.skipped for cache in caches]
-            logger.info("TeaCache skipped %s of %d steps (per CFG branch)",
+            logger.info("%s skipped %s of %d steps (per CFG branch)", type(caches[0]).__name__,
                         "/".join(str(sum(c.skipped)) for c in caches), len(self.scheduler.timesteps))
         return latents[:, :, cond.leading_frames_to_drop:]
 
+    def _step_caches(self, request: GenerationRequest) -> list:
+        """One TeaCache or MagCache per CFG branch when the request asks for one, else ``None``s."""
+        branches, steps = (2 if request.uses_cfg else 1), len(self.scheduler.timesteps)
+        if request.tea_cache_l1_thresh is not None:
+            return [TeaCache(steps, request.tea_cache_l1_thresh, request.tea_cache_model_id) for _ in range(branches)]
+        if request.mag_cache_thresh is not None:
+            ratios = request.mag_cache_ratios
+            per_branch = ratios if isinstance(ratios[0], (list, tuple)) else [ratios] * branches
+            return [MagCache(steps, per_branch[min(i, len(per_branch) - 1)], request.mag_cache_thresh,
+                             request.mag_cache_max_skip_steps, request.mag_cache_retention_ratio)
+                    for i in range(branches)]
+        return [None] * branches
+
     def _velocity(self, request: GenerationRequest, cond: Conditioning, latents: torch.Tensor,
-                  timestep: torch.Tensor, caches: list[TeaCache | None]) -> torch.Tensor:
+                  timestep: torch.Tensor, caches: list) -> torch.Tensor:
         """Guided velocity ``neg + cfg * (pos - neg)``; both branches in one batch with ``cfg_merge``."""
         if not request.uses_cfg:
             return self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
