@@ -21,6 +21,7 @@ from wan_models.vae import WanVAE
 from .caching import MagCache, TeaCache
 from .denoise import predict, predict_windows
 from .images import tensor_to_frames
+from .lora import LoraMerge, LoraSource, merge_lora, unmerge_lora
 from .parallel import SequenceParallel, enable_usp, init_process_group
 from .request import GenerationRequest
 from .schedulers import make_scheduler
@@ -128,6 +129,15 @@ class WanVideoPipeline:
         if use_usp:
             enable_usp(pipe)
         return pipe
+
+    def load_lora(self, module: torch.nn.Module, path: LoraSource, alpha: float = 1.0) -> LoraMerge:
+        """Merge the LoRA at ``path`` into ``module`` (e.g. ``pipe.dit``) at strength ``alpha``, in place;
+        returns the record :meth:`unload_lora` takes (see :mod:`wan_runtime.lora`)."""
+        return merge_lora(module, path, alpha)
+
+    def unload_lora(self, merge: LoraMerge) -> None:
+        """Subtract a LoRA merged by :meth:`load_lora`; other merged LoRAs stay, in any order."""
+        unmerge_lora(merge.module, merge)
 
     @property
     def vae_spatial_factor(self) -> int:
