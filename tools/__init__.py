@@ -1,0 +1,1 @@
+"""Repository tools: scripts and their helpers (not a published package)."""
