@@ -76,6 +76,8 @@ def test_config_file_and_rounding(models_root: Path, tmp_path: Path) -> None:
     (["--dtype", "float8"], "float8"),
     (["-o", "video.avi"], "video.avi"),
     (["--sliding-window", "9"], "SIZE:STRIDE"),
+    (["--sigma-shift", "0"], "--sigma-shift"),
+    (["-m", "Wan2.1-T2V-99B"], "Wan2.1-T2V-99B"),
 ])
 def test_bad_values_exit_2_with_one_line(args: list[str], fragment: str, tmp_path: Path) -> None:
     result = wan("generate", "-m", "Wan2.1-T2V-1.3B", *args, cwd=tmp_path)
@@ -114,12 +116,15 @@ def test_models_info_convert(models_root: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "format:   official" in result.stdout and "network:  dit (t2v)" in result.stdout
 
-    converted = tmp_path / "dit_diffusers.safetensors"
+    converted = tmp_path / "transformer"
     result = wan("convert", str(dit), str(converted), "--to", "diffusers")
     assert result.returncode == 0, result.stderr
-    assert "format:   diffusers" in wan("info", str(converted)).stdout
+    assert (converted / "config.json").is_file()
+    info = wan("info", str(converted)).stdout
+    assert "format:   diffusers" in info and "num_heads=2" in info  # heads from the written config.json
     back = tmp_path / "dit_official.safetensors"
     assert wan("convert", str(converted), str(back), "--to", "official").returncode == 0
+    assert "num_heads=2" in wan("info", str(dit)).stdout  # heads from the official config.json
     from safetensors.torch import load_file
 
     original, round_trip = load_file(dit), load_file(back)

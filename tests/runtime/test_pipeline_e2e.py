@@ -510,7 +510,7 @@ BAD_INPUT = [
     ("t2v", dict(sampler="unipc", input_video=video(3), denoising_strength=0.6), ValueError, "needs sampler='euler'"),
     ("t2v", dict(tea_cache_l1_thresh=0.1), ValueError, "no TeaCache coefficients for model id ''"),
     ("t2v", dict(num_frames=9, sliding_window_size=2, sliding_window_stride=1, **TEACACHE), ValueError,
-     "TeaCache and sliding windows cannot be combined"),
+     "step caches .* and sliding windows cannot be combined"),
     ("t2v", dict(output_type="np"), ValueError, "output_type must be 'pil' or 'latent'"),
     ("t2v", dict(prompt_embeds=torch.zeros(1, 8, 7)), ValueError, r"context must be \[B, L, 32\]"),
     ("t2v", dict(num_frame=5), TypeError, r"unknown arguments \['num_frame'\]"),

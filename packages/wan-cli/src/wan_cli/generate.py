@@ -67,7 +67,7 @@ def generate(
     frames: int = typer.Option(81, "--frames", min=1, help="Frame count; rounded up to 4k+1."),
     steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
     cfg_scale: float = typer.Option(5.0, "--cfg-scale", min=0.0, help="Classifier-free guidance (1 = off)."),
-    sigma_shift: float = typer.Option(5.0, "--sigma-shift", min=0.0, help="Schedule time shift (> 0)."),
+    sigma_shift: float = typer.Option(5.0, "--sigma-shift", help="Schedule time shift (> 0)."),
     sampler: str = typer.Option("euler", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
     motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,
                                                    help="Speed control (with the speedcontrol model)."),
@@ -104,7 +104,10 @@ def generate(
     from .model_source import resolve_model
 
     timer = StageTimer()
-    source = resolve_model(model)
+    try:
+        source = resolve_model(model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
     progress = (lambda x: x) if quiet else (lambda x: tqdm(x, desc="denoise", unit="step"))
     with timer.stage("read"):
         from wan_runtime.request import GenerationRequest

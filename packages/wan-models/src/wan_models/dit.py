@@ -115,7 +115,8 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], image_tokens: int = 0) -> torch.Tensor:
         """``x [B, L, dim]`` float32 residual stream, ``e0 [B, 6, dim]`` float32 time modulation."""
-        dtype, eps = self.ffn[0].weight.dtype, self.norm1.eps
+        # The compute dtype is read from a parameter no kernel package swaps (FP8 linears keep others).
+        dtype, eps = self.modulation.dtype, self.norm1.eps
         modulate, gated_residual = ops.get_op("modulate"), ops.get_op("gated_residual")
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
         x = gated_residual(x, self.self_attn(modulate(x, shift1, scale1, eps).to(dtype), rope), gate1)
@@ -139,9 +140,9 @@ class VaceBlock(DiTBlock):
     def forward(self, c: torch.Tensor, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self, "before_proj"):
-            c = self.before_proj(c.to(self.before_proj.weight.dtype)).float() + x
+            c = self.before_proj(c.to(self.modulation.dtype)).float() + x
         c = super().forward(c, e0, context, rope)
-        return c, self.after_proj(c.to(self.after_proj.weight.dtype)).float()
+        return c, self.after_proj(c.to(self.modulation.dtype)).float()
 
 
 class Head(nn.Module):
@@ -156,7 +157,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
         h = ops.get_op("modulate")(x, shift, scale, self.norm.eps)
-        return self.head(h.to(self.head.weight.dtype))
+        return self.head(h.to(self.modulation.dtype))
 
 
 class ImageEmbedding(nn.Module):

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from . import formats
-from .detect import detect_network
+from .detect import Network, detect_network
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,49 @@ def _config_json(files: list[Path]) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read and recognised: official-key tensors, their network and its config."""
+
+    source: str                       # the file(s), for messages
+    format: str                       # "official", "diffusers" or "comfy" as found on disk
+    network: Network
+    config: Any
+    state_dict: dict[str, torch.Tensor]  # official keys, as the network's module names them
+    dtype: torch.dtype | None         # what fp8 weights were dequantised to (None: no fp8)
+
+
+def read_checkpoint(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
+                    network: str | None = None) -> Checkpoint:
+    """Read any Wan 2.1 network file (or shards, or a diffusers folder) and recognise what it holds.
+
+    Keys may be official, diffusers or ComfyUI; sizes that shapes cannot show (DiT heads, ...) come
+    from a ``config.json`` beside the file. ``network`` makes a file holding another one an error.
+    """
+    files = checkpoint_files(path_or_paths)
+    source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    sd = read_state_dict(files)
+    dtype = dtype or formats.upcast_dtype(sd)
+    try:
+        fmt = formats.detect_format(sd)
+        sd = formats.to_official(sd, dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    found = detect_network(sd)
+    if network is not None and found.name != network:
+        raise CheckpointError(f"{source} holds a {found.name} network, not the {network} asked for")
+    sd = found.module_keys(sd)
+    config_json = _config_json(files)
+    from_diffusers = formats.diffusers.is_diffusers_config(config_json)
+    hints = {}
+    if found.name == "dit" and not from_diffusers:
+        hints = {k: config_json[k] for k in ("num_heads", "text_len") if k in config_json}
+    config = found.config_from_state_dict(sd, **hints)
+    if from_diffusers:
+        config = dataclasses.replace(config, **formats.diffusers.config_fields(config_json, found.name))
+    return Checkpoint(source, fmt, found, config, sd, dtype)
+
+
 def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu", network: str | None = None) -> nn.Module:
     """Load any Wan 2.1 network file (or shards, or a diffusers ``transformer/`` or ``vae/`` folder).
@@ -154,28 +197,9 @@ def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dty
     ``network`` ("dit", "vae", "t5", "clip", "motion_controller") makes a file holding another
     network an error instead of a surprise.
     """
-    files = checkpoint_files(path_or_paths)
-    source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
-    sd = read_state_dict(files)
-    dtype = dtype or formats.upcast_dtype(sd)
-    try:
-        sd = formats.to_official(sd, dtype)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    found = detect_network(sd)
-    if network is not None and found.name != network:
-        raise CheckpointError(f"{source} holds a {found.name} network, not the {network} asked for")
-    network = found
-    sd = network.module_keys(sd)
-    config_json = _config_json(files)
-    from_diffusers = formats.diffusers.is_diffusers_config(config_json)
-    hints = {}
-    if network.name == "dit" and not from_diffusers:
-        hints = {k: config_json[k] for k in ("num_heads", "text_len") if k in config_json}
-    config = network.config_from_state_dict(sd, **hints)
-    if from_diffusers:
-        config = dataclasses.replace(config, **formats.diffusers.config_fields(config_json, network.name))
+    ckpt = read_checkpoint(path_or_paths, dtype=dtype, network=network)
     with torch.device("meta"):
-        module = network.module(config)
-    logger.info("loading %s (%s) from %s", type(module).__name__, getattr(config, "variant", network.name), source)
-    return load_into(module, sd, dtype=dtype, device=device, source=source)
+        module = ckpt.network.module(ckpt.config)
+    logger.info("loading %s (%s) from %s", type(module).__name__,
+                getattr(ckpt.config, "variant", ckpt.network.name), ckpt.source)
+    return load_into(module, ckpt.state_dict, dtype=ckpt.dtype, device=device, source=ckpt.source)

@@ -191,6 +191,7 @@ class WanVideoPipeline:
         ``caches`` (one per CFG branch, objects with ``run(dit, inputs)``) override the step caches
         the request asks for.
         """
+        self._check_conditioning(cond)
         if caches is None:
             caches = self._step_caches(request)
         latents = cond.latents
@@ -206,6 +207,14 @@ class WanVideoPipeline:
             logger.info("%s skipped %s of %d steps (per CFG branch)", type(caches[0]).__name__,
                         "/".join(str(sum(c.skipped)) for c in caches), len(self.scheduler.timesteps))
         return latents[:, :, cond.leading_frames_to_drop:]
+
+    def _check_conditioning(self, cond: Conditioning) -> None:
+        """An image-conditioned DiT needs its ``y``: say which input provides it, before any DiT work."""
+        config = self.dit.config
+        if config.image_input and "y" not in cond.shared:
+            needed = ("input_image and camera_control_direction" if config.camera_in_dim is not None
+                      else "control_video" if config.in_dim == 3 * self.latent_channels else "input_image")
+            raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {needed}")
 
     def _step_caches(self, request: GenerationRequest) -> list:
         """One TeaCache or MagCache per CFG branch when the request asks for one, else ``None``s."""
@@ -237,8 +246,6 @@ class WanVideoPipeline:
     def _predict(self, request, latents, timestep, inputs, cache) -> torch.Tensor:
         dit = self.dit if self.sequence_parallel is None else self.sequence_parallel.wrap(self.dit)
         if request.sliding_window_size is not None:
-            if cache is not None:
-                raise ValueError("TeaCache and sliding windows cannot be combined")
             return predict_windows(dit, latents, timestep, inputs,
                                    request.sliding_window_size, request.sliding_window_stride)
         return predict(dit, latents, timestep, inputs, cache)
@@ -277,11 +284,6 @@ class WanVideoPipeline:
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
         cond = self.prepare(request)
-        if self.dit.config.image_input and "y" not in cond.shared:
-            config = self.dit.config
-            needed = ("input_image and camera_control_direction" if config.camera_in_dim is not None
-                      else "control_video" if config.in_dim == 3 * self.latent_channels else "input_image")
-            raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {needed}")
         latents = self.denoise(request, cond, progress_bar_cmd, step_callback)
         return latents if output_type == "latent" else self.decode(latents, request)
 

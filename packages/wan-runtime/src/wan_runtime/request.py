@@ -89,6 +89,10 @@ class GenerationRequest:
             if self.sliding_window_stride > self.sliding_window_size:
                 raise ValueError(f"sliding_window_stride {self.sliding_window_stride} exceeds "
                                  f"sliding_window_size {self.sliding_window_size}")
+        if self.sliding_window_size is not None and (self.tea_cache_l1_thresh is not None
+                                                     or self.mag_cache_thresh is not None):
+            raise ValueError("step caches (tea_cache_l1_thresh, mag_cache_thresh) and sliding windows "
+                             "cannot be combined")
         if self.tea_cache_l1_thresh is not None and self.mag_cache_thresh is not None:
             raise ValueError("choose one step cache: tea_cache_l1_thresh or mag_cache_thresh, not both")
         if self.mag_cache_thresh is not None and self.mag_cache_ratios is None:
