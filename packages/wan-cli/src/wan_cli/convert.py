@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import typer
 
 FORMATS = ("official", "diffusers", "comfy")
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into ``path``: ``path`` is whole or untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def convert(
@@ -45,6 +30,7 @@ def convert(
     import wan_models
     from wan_models.formats import diffusers as diffusers_format
     from wan_models.loading import read_checkpoint
+    from wan_runtime.files import atomic_path
 
     ckpt = read_checkpoint(source)
     converted = {k: v.contiguous() for k, v in wan_models.convert(ckpt.state_dict, to=to).items()}
@@ -53,10 +39,13 @@ def convert(
         if ckpt.network.name not in make_config:
             raise ValueError(f"diffusers has no layout for a {ckpt.network.name} network (only dit, vae)")
         config = make_config[ckpt.network.name](ckpt.config)
-        _write_atomically(target / "diffusion_pytorch_model.safetensors", lambda p: save_file(converted, p))
-        _write_atomically(target / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        with atomic_path(target / "diffusion_pytorch_model.safetensors") as tmp:
+            save_file(converted, str(tmp))
+        with atomic_path(target / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=2))
     else:
-        _write_atomically(target, lambda p: save_file(converted, p))
+        with atomic_path(target) as tmp:
+            save_file(converted, str(tmp))
     typer.echo(f"wrote {target} ({to}, {len(converted)} tensors)")
 
 

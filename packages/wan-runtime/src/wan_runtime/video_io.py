@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,8 @@ from typing import Sequence
 import av
 import numpy as np
 from PIL import Image
+
+from .files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -72,23 +73,15 @@ def save_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: floa
     if width % 2 or height % 2:
         logger.warning("H.264 yuv420p needs even sizes: padding %dx%d frames to %dx%d by repeating the last "
                        "row/column", width, height, width + width % 2, height + height % 2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with av.open(tmp_name, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000),
-                                          options={"crf": str(crf)})
-            stream.width, stream.height = width + width % 2, height + height % 2
-            stream.pix_fmt = "yuv420p"
-            for frame in frames:
-                video_frame = av.VideoFrame.from_ndarray(_rgb_even(frame, width, height), format="rgb24")
-                container.mux(stream.encode(video_frame))
-            container.mux(stream.encode())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000),
+                                      options={"crf": str(crf)})
+        stream.width, stream.height = width + width % 2, height + height % 2
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(_rgb_even(frame, width, height), format="rgb24")
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
     logger.info("saved %d frames (%dx%d, %g fps, crf %d) to %s", len(frames), width, height, fps, crf, path)
     return path
 
