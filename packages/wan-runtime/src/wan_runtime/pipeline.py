@@ -18,6 +18,7 @@ from wan_models.clip import CLIPVisionTower
 from wan_models.t5 import UMT5Encoder
 from wan_models.vae import WanVAE
 
+from .acceleration import enable_kernels, quantize_fp8
 from .caching import MagCache, TeaCache
 from .denoise import predict, predict_windows
 from .images import tensor_to_frames
@@ -76,6 +77,7 @@ class WanVideoPipeline:
         self.scheduler = make_scheduler("euler", shift=5.0)
         self.units: list[Unit] = list(UNITS)
         self.sequence_parallel: SequenceParallel | None = None  # set by parallel.enable_usp
+        self.attention_backend = "sdpa"  # set by from_pretrained through wan_kernels when installed
 
     # -- networks ---------------------------------------------------------------------------------
 
@@ -99,10 +101,13 @@ class WanVideoPipeline:
         skip_download: bool = False,
         redirect_common_files: bool = True,
         use_usp: bool = False,
+        attention_backend: str | None = None,
     ) -> "WanVideoPipeline":
         """Resolve (download if needed) and load every model file; networks are detected by content.
 
         ``tokenizer_config`` defaults to the umT5 tokenizer folder of Wan-AI/Wan2.1-T2V-1.3B.
+        With ``wan-kernels`` installed, the best attention backend (or ``attention_backend``, or
+        ``$WAN_ATTENTION``) and the fused ops the device supports are switched on.
         ``use_usp=True`` (under torchrun) joins the process group, puts each rank on its own GPU and
         splits the DiT's tokens across the ranks (see :mod:`wan_runtime.parallel`).
         """
@@ -126,9 +131,19 @@ class WanVideoPipeline:
             folder = folder[0] if isinstance(folder, (list, tuple)) else folder
             folder = folder if folder.is_dir() else folder.parent
             pipe.prompter = Prompter.from_folder(folder, pipe.text_encoder)
+        pipe.attention_backend = enable_kernels(attention_backend)
         if use_usp:
             enable_usp(pipe)
         return pipe
+
+    def quantize_fp8(self, include: str | list[str] | None = "blocks.*", scaled_mm: bool = False):
+        """Store the DiT's matching linear layers in FP8 (needs ``wan-kernels``); returns the report.
+
+        ``scaled_mm=True`` also computes them with FP8 matrix products where the GPU has them.
+        """
+        if self.dit is None:
+            raise ValueError("no DiT is loaded")
+        return quantize_fp8(self.dit, include=include, scaled_mm=scaled_mm)
 
     def load_lora(self, module: torch.nn.Module, path: LoraSource, alpha: float = 1.0) -> LoraMerge:
         """Merge the LoRA at ``path`` into ``module`` (e.g. ``pipe.dit``) at strength ``alpha``, in place;

@@ -22,10 +22,10 @@ def status() -> Check:
         return ok, reason
     if torch.cuda.is_available():
         return True, "CUDA"
-    from .launch import interpreted
+    from .launch import built_for_interpreter
     from .rmsnorm import _rms_norm_kernel
 
-    if interpreted(_rms_norm_kernel):
+    if built_for_interpreter(_rms_norm_kernel):
         return True, "Triton interpreter (CPU)"
     return False, "no CUDA GPU (the kernels run on CPU only when TRITON_INTERPRET=1 is set before import)"
 

@@ -7,15 +7,23 @@ Anything else, and any call that needs autograd, goes to the torch reference op.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def interpreted(kernel: object) -> bool:
-    """Whether ``kernel`` was built for Triton's CPU interpreter."""
+def built_for_interpreter(kernel: object) -> bool:
+    """Whether ``kernel`` was built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
     return isinstance(kernel, InterpretedFunction)
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether ``kernel`` can run in the interpreter now: built for it, and ``TRITON_INTERPRET=1`` is
+    still set (the interpreter reads it again while running)."""
+    return built_for_interpreter(kernel) and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def use_kernel(kernel: object, *tensors: torch.Tensor) -> bool:

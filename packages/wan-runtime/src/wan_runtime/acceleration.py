@@ -1,0 +1,40 @@
+"""Optional speed-ups from ``wan_kernels`` (attention backends, fused ops, FP8 linears).
+
+``wan_runtime`` works without that package; with it, the pipeline installs the best attention
+backend and the fused ops the machine supports.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'wan-runtime[kernels]'"
+
+
+def enable_kernels(backend: str | None = None) -> str:
+    """Install ``wan_kernels`` (``backend`` None: ``$WAN_ATTENTION`` or the best available); returns the
+    active attention backend. Without the package only the built-in torch SDPA is available."""
+    try:
+        import wan_kernels
+    except ImportError:
+        if backend not in (None, "auto", "sdpa"):
+            raise ValueError(f"attention backend {backend!r} needs the wan-kernels package ({INSTALL_HINT})") from None
+        logger.info("wan-kernels is not installed: attention through torch SDPA, no fused ops")
+        return "sdpa"
+    return wan_kernels.enable(backend)
+
+
+def quantize_fp8(module: nn.Module, include: str | list[str] | None = "blocks.*", scaled_mm: bool = False):
+    """Store ``module``'s matching linear layers in FP8 (e4m3, per-channel scales); returns the report."""
+    try:
+        import wan_kernels
+    except ImportError:
+        raise ValueError(f"FP8 linear layers need the wan-kernels package ({INSTALL_HINT})") from None
+    patterns = [include] if isinstance(include, str) else include
+    report = wan_kernels.quantize_fp8(module, include=patterns, scaled_mm=scaled_mm)
+    logger.info("FP8: %s", report)
+    return report
