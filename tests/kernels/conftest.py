@@ -45,19 +45,3 @@ def _interpreter(monkeypatch):
     """``TRITON_INTERPRET=1`` during each test when the kernels run in the interpreter."""
     if INTERPRET:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(autouse=True)
-def _restore_hooks():
-    """Every test leaves wan_models' attention and ops as it found them."""
-    import wan_kernels
-    from wan_models import attention, ops
-
-    before_attention = attention.get_attention_backend()
-    before_ops = {name: ops.get_op(name) for name in ops.DEFAULTS}
-    yield
-    wan_kernels.disable()
-    attention.set_attention_backend(before_attention)
-    for name, fn in before_ops.items():
-        ops.set_op(name, fn)
-
