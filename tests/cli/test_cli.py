@@ -136,3 +136,30 @@ def test_download_offline_is_a_clear_error(tmp_path: Path) -> None:
     result = wan("download", "Wan2.1-T2V-1.3B", "--local-dir", str(tmp_path))
     assert result.returncode == 1
     assert "ModelScope is unreachable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_speed_flags(models_root: Path, tmp_path: Path) -> None:
+    """--attention, --fp8, --teacache and --lora run end to end; LoRA and FP8 change the video."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = models_root / "Wan-AI" / "Wan2.1-T2V-1.3B"
+    common = ["-m", str(folder), "-p", "a cat", "--seed", "1", "--height", "32", "--width", "48", "--frames", "5",
+              "--steps", "4", "--device", "cpu", "--dtype", "float32", "-q"]
+    plain = tmp_path / "plain.mp4"
+    assert wan("generate", *common, "-o", str(plain)).returncode == 0
+    gen = torch.Generator().manual_seed(0)
+    lora = tmp_path / "style.safetensors"
+    save_file({f"blocks.{b}.self_attn.{m}.lora_{ab}.weight": torch.randn(shape, generator=gen)
+               for b in range(2) for m in "qkvo" for ab, shape in (("A", (2, 32)), ("B", (32, 2)))}, str(lora))
+    variants = {"lora": ["--lora", f"{lora}:0.8"], "fp8": ["--fp8"], "math": ["--attention", "math"],
+                "teacache": ["--teacache", "0.5", "--teacache-model", "Wan2.1-T2V-1.3B"]}
+    for name, flags in variants.items():
+        out = tmp_path / f"{name}.mp4"
+        result = wan("generate", *common, *flags, "-o", str(out))
+        assert result.returncode == 0, (name, result.stderr)
+        assert read_video(out) == (5, 48, 32)
+        if name in ("lora", "fp8"):
+            assert out.read_bytes() != plain.read_bytes(), name
+    bad = wan("generate", *common, "--teacache", "0.1", "--teacache-model", "Wan2.1-T2V-2B", "-o", str(tmp_path / "x.mp4"))
+    assert bad.returncode == 2 and "no TeaCache coefficients for 'Wan2.1-T2V-2B'" in bad.stderr

@@ -42,6 +42,18 @@ def _sliding_window(value: Optional[str]) -> tuple[Optional[int], Optional[int]]
     return size, stride
 
 
+def _lora(value: str) -> tuple[Path, float]:
+    """``PATH[:ALPHA]`` -> (path, alpha); the path must exist."""
+    path, _, alpha = value.rpartition(":") if ":" in value else (value, "", "")
+    try:
+        strength = float(alpha) if alpha else 1.0
+    except ValueError:
+        path, strength = value, 1.0
+    if not Path(path).is_file():
+        raise typer.BadParameter(f"no LoRA file {path!r} (expected PATH[:ALPHA])", param_hint="--lora")
+    return Path(path), strength
+
+
 def generate(
     prompt: str = typer.Option("", "--prompt", "-p", help="What the video shows."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="What to steer away from (with CFG)."),
@@ -74,6 +86,15 @@ def generate(
     tiled: bool = typer.Option(True, "--tiled/--no-tiled", help="Tiled VAE encode/decode (less memory)."),
     sliding_window: Optional[str] = typer.Option(None, "--sliding-window",
                                                  help="SIZE:STRIDE in latent frames: DiT over blended windows."),
+    attention: Optional[str] = typer.Option(None, "--attention",
+                                            help="Attention backend (wan-kernels): auto, flash3, flash2, sage, sdpa, math."),
+    fp8: bool = typer.Option(False, "--fp8", help="Store the DiT blocks' linear weights in FP8 (wan-kernels)."),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA file to merge into the DiT, PATH[:ALPHA]; repeatable."),
+    teacache: Optional[float] = typer.Option(None, "--teacache", min=0.0,
+                                             help="TeaCache threshold (e.g. 0.05 to 0.2): skip near-duplicate steps."),
+    teacache_model: Optional[str] = typer.Option(None, "--teacache-model",
+                                                 help="TeaCache coefficients to use (default: --model's name)."),
+    usp: bool = typer.Option(False, "--usp", help="Sequence parallel across the GPUs of a torchrun launch."),
     fps: int = typer.Option(15, "--fps", min=1, help="Frames per second of the mp4."),
     quality: int = typer.Option(5, "--quality", min=0, max=10, help="mp4 quality 0..10 (10 best)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if present)."),
@@ -94,6 +115,14 @@ def generate(
     if output.suffix.lower() != ".mp4":
         raise typer.BadParameter(f"{output} must end in .mp4", param_hint="--output")
     window_size, window_stride = _sliding_window(sliding_window)
+    loras = [_lora(value) for value in lora]
+    if teacache is not None:
+        from wan_runtime.caching import TEACACHE_COEFFICIENTS
+
+        teacache_model = teacache_model or Path(model).name
+        if teacache_model not in TEACACHE_COEFFICIENTS:
+            raise typer.BadParameter(f"no TeaCache coefficients for {teacache_model!r}; pass --teacache-model, one of "
+                                     f"{', '.join(TEACACHE_COEFFICIENTS)}", param_hint="--teacache")
     dtype_ = torch_dtype(dtype)
 
     from tqdm import tqdm
@@ -118,7 +147,8 @@ def generate(
             camera_control_direction=camera_direction, camera_control_speed=camera_speed, vace_scale=vace_scale,
             seed=seed, height=height, width=width, num_frames=frames, cfg_scale=cfg_scale,
             num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, motion_bucket_id=motion_bucket_id,
-            tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride)
+            tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride,
+            tea_cache_l1_thresh=teacache, tea_cache_model_id=teacache_model or "")
         size = dict(height=request.height, width=request.width)
         for field, path in (("input_image", image), ("end_image", end_image), ("reference_image", reference_image),
                             ("vace_reference_image", vace_reference)):
@@ -132,7 +162,12 @@ def generate(
         pipe = WanVideoPipeline.from_pretrained(torch_dtype=dtype_, device=device or default_device(),
                                                 model_configs=source.model_configs,
                                                 tokenizer_config=source.tokenizer_config,
-                                                local_model_path=str(models_dir))
+                                                local_model_path=str(models_dir), use_usp=usp,
+                                                attention_backend=attention)
+        for path, strength in loras:
+            pipe.load_lora(pipe.dit, path, alpha=strength)
+        if fp8:
+            pipe.quantize_fp8()
     import torch
 
     with timer.stage("encode"), torch.no_grad():
@@ -141,6 +176,8 @@ def generate(
         latents = pipe.denoise(request, cond, progress_bar_cmd=progress)
     with timer.stage("decode"), torch.no_grad():
         video_frames = pipe.decode(latents, request)
+    if usp and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return  # every rank computed the same video; rank 0 writes it
     with timer.stage("save"):
         save_video(video_frames, output, fps=fps, quality=quality)
     typer.echo(f"wrote {output} ({len(video_frames)} frames, {video_frames[0].width}x{video_frames[0].height}); "
