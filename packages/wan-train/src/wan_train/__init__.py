@@ -1,0 +1,51 @@
+"""LoRA and full fine-tuning of the Wan 2.1 models with the seed's (DiffSynth's) ``train.py`` flags.
+
+``python -m wan_train --help`` lists the flags; :func:`main` is the same command as a function.
+Library use: :func:`parse_args` -> :func:`train` (or :func:`build_cache`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from wan_models import CheckpointError
+from wan_runtime.model_config import ModelFilesMissing
+
+from .args import TrainingError, build_parser, parse_args
+from .cache import CachedDataset, build_cache
+from .dataset import VideoDataset
+from .module import TrainingInputs, WanTrainingModule, load_pipeline
+from .trainer import TrainResult, train
+
+__all__ = [
+    "CachedDataset", "TrainResult", "TrainingError", "TrainingInputs", "VideoDataset", "WanTrainingModule",
+    "build_cache", "build_parser", "load_pipeline", "main", "parse_args", "train",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _setup_logging() -> None:
+    """INFO logs to stderr on the first process (warnings only on the others), unless logging is set up."""
+    if logging.getLogger().handlers:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m wan_train [flags]``: train (or ``--cache_latents``); a bad input exits with status 2."""
+    _setup_logging()
+    try:
+        args = parse_args(argv)
+        if args.cache_latents:
+            build_cache(args)
+        else:
+            train(args)
+    except (TrainingError, CheckpointError, ModelFilesMissing) as e:
+        logger.error("%s", e)
+        raise SystemExit(2) from None
+    return 0

@@ -1,0 +1,258 @@
+"""The training data: a folder of videos/images described by a metadata file, as the seed reads it.
+
+``metadata.csv`` has a ``video`` (or ``image``) column with file names relative to the base folder,
+a ``prompt`` column and one column per ``--extra_inputs`` entry that does not come from the video
+itself. Columns in ``--data_file_keys`` are loaded from files: videos (mp4 avi mov wmv mkv flv
+webm) as their first ``num_frames`` frames, images (jpg jpeg png webp) as one-frame videos.
+
+Frames are resized so that they cover the target size and centre-cropped to it (the seed's order:
+resize, then crop). The target is ``--height x --width``, or with both empty the frame's own size
+scaled down to at most ``--max_pixels`` and rounded down to multiples of 16.
+
+:meth:`VideoDataset.check` opens every file once before training, so that a missing column, a
+missing, unreadable or too short file is an error naming the file, not a crash hours later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import av
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from wan_runtime.video_io import load_video
+
+from .args import FRAMES_INPUTS, IMAGE_INPUTS, NUMBER_INPUTS, TrainingError, split_list
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "VideoDataset", "crop_and_resize", "first_item", "target_size",
+           "video_dataset"]
+
+VIDEO_EXTENSIONS = ("mp4", "avi", "mov", "wmv", "mkv", "flv", "webm")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TARGET_KEYS = ("video", "image")  # the column holding what the model learns to generate, first found
+SIZE_FACTOR = 16  # VAE factor 8 x DiT patch 2
+
+
+def first_item(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """DataLoader ``collate_fn`` for batches of one sample: the sample itself (frames stay PIL)."""
+    return batch[0]
+
+
+def _suffix(path: str | Path) -> str:
+    return Path(path).suffix.lower().lstrip(".")
+
+
+def target_size(width: int, height: int, max_pixels: int, fixed: tuple[int, int] | None) -> tuple[int, int]:
+    """``(width, height)`` frames are brought to: ``fixed``, or the own size capped at ``max_pixels``
+    (aspect kept) and rounded down to multiples of 16."""
+    if fixed is not None:
+        return fixed
+    if width * height > max_pixels:
+        scale = math.sqrt(width * height / max_pixels)
+        width, height = int(width / scale), int(height / scale)
+    return width // SIZE_FACTOR * SIZE_FACTOR, height // SIZE_FACTOR * SIZE_FACTOR
+
+
+def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale ``image`` (bilinear) until it covers ``width x height``, then crop the centre to that size."""
+    w, h = image.size
+    scale = max(width / w, height / h)
+    new_w, new_h = round(w * scale), round(h * scale)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BILINEAR)
+    if (new_w, new_h) == (width, height):
+        return image
+    top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
+
+
+def _read_metadata(base: Path, metadata_path: str | None) -> tuple[list[dict[str, Any]], str]:
+    """Rows (dicts) of the metadata file, or generated from ``name.ext`` + ``name.txt`` pairs; and where from."""
+    if metadata_path is None:
+        rows = []
+        media = sorted(p for p in base.iterdir() if _suffix(p) in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
+        for path in media:
+            prompt = path.with_suffix(".txt")
+            if prompt.is_file():
+                rows.append({"video": path.name, "prompt": prompt.read_text(encoding="utf-8").strip()})
+        if not rows:
+            raise TrainingError(f"no --dataset_metadata_path given and {base} holds no video/image with a same-named "
+                                ".txt prompt beside it; write a metadata.csv with video and prompt columns")
+        return rows, f"{base} (video/image + .txt pairs)"
+    path = Path(metadata_path)
+    if not path.is_file():
+        raise TrainingError(f"metadata file not found: {path.absolute()}")
+    if _suffix(path) == "json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TrainingError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise TrainingError(f"{path}: expected a JSON list of objects, one per sample")
+    else:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise TrainingError(f"{path} lists no samples")
+    return rows, str(path)
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Samples ``{"video": [PIL frames], "prompt": str, <extra columns>, "index": int}``.
+
+    ``len`` is ``repeat`` times the number of rows; index ``i`` is row ``i % rows``. Loading (file
+    decoding, resizing) happens in ``__getitem__``, i.e. in the DataLoader's worker processes.
+    """
+
+    def __init__(self, base_path: str, metadata_path: str | None = None, num_frames: int = 81,
+                 height: int | None = None, width: int | None = None, max_pixels: int = 1280 * 720,
+                 data_file_keys: Sequence[str] = ("image", "video"), repeat: int = 1,
+                 extra_inputs: Sequence[str] = ()) -> None:
+        self.base = Path(base_path)
+        if not self.base.is_dir():
+            raise TrainingError(f"--dataset_base_path {self.base.absolute()} is not a folder")
+        self.rows, self.source = _read_metadata(self.base, metadata_path)
+        self.num_frames = num_frames
+        self.fixed_size = None if height is None else (width, height)
+        self.max_pixels = max_pixels
+        self.file_keys = list(data_file_keys)
+        self.repeat = repeat
+        self.extra_inputs = list(extra_inputs)
+        self.target = self._check_columns()
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.repeat
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def _check_columns(self) -> str:
+        """The target column; every column the flags need must be in the metadata's first row's keys."""
+        columns = set(self.rows[0])
+        target = next((key for key in TARGET_KEYS if key in columns and key in self.file_keys), None)
+        if target is None:
+            raise TrainingError(f"{self.source} has columns {sorted(columns)}: it needs a 'video' (or 'image') column "
+                                f"listed in --data_file_keys ({','.join(self.file_keys)})")
+        needed = ["prompt"] + [name for name in self.extra_inputs if name not in ("input_image", "end_image")]
+        missing = [name for name in needed if name not in columns]
+        if missing:
+            raise TrainingError(f"{self.source} has no column {missing} (columns: {sorted(columns)}); "
+                                "--extra_inputs other than input_image/end_image are read from metadata columns")
+        not_files = [name for name in self.extra_inputs
+                     if name in FRAMES_INPUTS + IMAGE_INPUTS and name not in self.file_keys]
+        if not_files:
+            raise TrainingError(f"--extra_inputs {not_files} are files: add them to --data_file_keys "
+                                f"(now {','.join(self.file_keys)})")
+        for i, row in enumerate(self.rows):
+            empty = [name for name in [target, *needed] if row.get(name) in (None, "")]
+            if empty:
+                raise TrainingError(f"{self.source} row {i + 1}: empty or missing {empty}")
+        return target
+
+    def check(self, show_progress: bool = True) -> None:
+        """Open every file once: it must exist, be readable and (videos) have ``num_frames`` frames."""
+        for i, row in enumerate(tqdm(self.rows, desc="checking dataset", disable=not show_progress, leave=False)):
+            for key in self.file_keys:
+                if key in row and row[key] not in (None, ""):
+                    self._check_file(self.base / str(row[key]), f"{self.source} row {i + 1} column {key!r}")
+            for name, kind in NUMBER_INPUTS.items():
+                if name in self.extra_inputs:
+                    try:
+                        kind(row[name])
+                    except ValueError:
+                        raise TrainingError(f"{self.source} row {i + 1} column {name!r}: {row[name]!r} is not "
+                                            f"a{'n integer' if kind is int else ' number'}") from None
+        logger.info("dataset: %d samples from %s, each seen %d times per epoch", len(self.rows), self.source,
+                    self.repeat)
+
+    def _check_file(self, path: Path, where: str) -> None:
+        if not path.is_file():
+            raise TrainingError(f"{where}: file not found: {path.absolute()}")
+        suffix = _suffix(path)
+        if suffix in IMAGE_EXTENSIONS:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except Exception as e:  # PIL raises many types for broken files
+                raise TrainingError(f"{where}: cannot read image {path}: {e}") from None
+        elif suffix in VIDEO_EXTENSIONS:
+            frames = _count_frames(path, self.num_frames, where)
+            if frames < self.num_frames:
+                raise TrainingError(f"{where}: video {path} has {frames} frames, fewer than --num_frames "
+                                    f"{self.num_frames}; drop it, use a longer clip or lower --num_frames (4k+1)")
+        else:
+            raise TrainingError(f"{where}: {path.name} is neither a video ({', '.join(VIDEO_EXTENSIONS)}) nor an "
+                                f"image ({', '.join(IMAGE_EXTENSIONS)})")
+
+    # -- loading ----------------------------------------------------------------------------------
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index % len(self.rows)]
+        sample: dict[str, Any] = {key: value for key, value in row.items() if key not in self.file_keys}
+        target = self._frames(self.base / str(row[self.target]), None)
+        size = target[0].size
+        sample["video"] = target
+        for key in self.file_keys:
+            if key != self.target and row.get(key) not in (None, ""):
+                frames = self._frames(self.base / str(row[key]), size)
+                sample[key] = frames[0] if key in IMAGE_INPUTS else frames
+        for name, kind in NUMBER_INPUTS.items():
+            if name in sample and name in self.extra_inputs:
+                sample[name] = kind(sample[name])
+        sample["index"] = index
+        return sample
+
+    def _frames(self, path: Path, size: tuple[int, int] | None) -> list[Image.Image]:
+        """The file's frames at ``size``, or (``None``) at the target size of its first frame."""
+        if _suffix(path) in IMAGE_EXTENSIONS:
+            with Image.open(path) as image:
+                frames = [image.convert("RGB")]
+        else:
+            try:
+                frames = load_video(path, self.num_frames)
+            except ValueError as e:
+                raise TrainingError(f"{path}: {e}") from None
+        if size is None:
+            size = target_size(*frames[0].size, self.max_pixels, self.fixed_size)
+            if min(size) < SIZE_FACTOR:
+                raise TrainingError(f"{path}: frames of {frames[0].size[0]}x{frames[0].size[1]} are too small for "
+                                    f"--max_pixels {self.max_pixels} (need at least 16x16 after scaling)")
+        return [crop_and_resize(frame, *size) for frame in frames]
+
+
+def _count_frames(path: Path, needed: int, where: str) -> int:
+    """Frames in the video (decoding at most ``needed`` when the container does not store the count)."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise TrainingError(f"{where}: {path} has no video stream")
+            stream = container.streams.video[0]
+            if stream.frames:
+                return stream.frames
+            count = 0
+            for _ in container.decode(video=0):
+                count += 1
+                if count >= needed:
+                    break
+            return count
+    except av.FFmpegError as e:
+        raise TrainingError(f"{where}: cannot read video {path}: {e}") from None
+
+
+def video_dataset(args: argparse.Namespace, repeat: int, show_progress: bool = True) -> VideoDataset:
+    """The :class:`VideoDataset` the dataset flags describe, every file checked."""
+    dataset = VideoDataset(args.dataset_base_path, args.dataset_metadata_path, num_frames=args.num_frames,
+                           height=args.height, width=args.width, max_pixels=args.max_pixels,
+                           data_file_keys=split_list(args.data_file_keys), repeat=repeat,
+                           extra_inputs=split_list(args.extra_inputs))
+    dataset.check(show_progress)
+    return dataset

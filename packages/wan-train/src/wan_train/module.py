@@ -1,0 +1,329 @@
+"""The training module: the pipeline's networks, what of them is trained, and the seed's loss.
+
+One step, as the seed computes it: the pipeline's conditioning units turn the sample into DiT inputs
+(text context, image/control/camera/VACE conditioning), the VAE encodes the video into ``x0``, a
+timestep is drawn uniformly from the indices of the 1000-step training schedule, the DiT predicts the
+velocity of ``add_noise(x0, noise, t)`` and the loss is ``mse(prediction, noise - x0) * weight(t)``.
+
+Networks with trainable weights (full, ``--trainable_models``, or LoRA layers, ``--lora_base_model``)
+are registered under ``pipe.<slot>`` so that weight names read ``pipe.dit.blocks.0...`` as in the
+seed; frozen networks stay outside the module tree, so DDP and DeepSpeed neither broadcast nor shard
+them. Gradient checkpointing wraps every DiT and VACE block (``torch.utils.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from wan_models.configs import T5_FILE, T5_TOKENIZER
+from wan_runtime import WanVideoPipeline
+from wan_runtime.model_config import ModelConfig
+from wan_runtime.pipeline import SLOTS
+from wan_runtime.request import GenerationRequest
+from wan_runtime.schedulers import FlowEulerScheduler
+from wan_runtime.units import Conditioning
+from wan_runtime.units.image import video_pixels
+from wan_runtime.units.vace import reference_pixels
+
+from .args import DTYPES, IMAGE_INPUTS, TrainingError, model_configs, split_list
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainingInputs", "WanTrainingModule", "load_pipeline", "sample_seed", "training_noise"]
+
+NUM_TRAIN_TIMESTEPS = 1000
+TRAINING_SHIFT = 5.0  # the seed's training scheduler: FlowMatchScheduler(shift=5), 1000 steps
+VACE_PREFIX = "vace_"  # the DiT's VACE modules: vace_blocks, vace_patch_embedding
+ADAPTER = "default"  # peft's adapter name, dropped from saved keys
+
+
+@dataclass
+class TrainingInputs:
+    """What one step feeds the DiT besides noise and timestep; also what ``--cache_latents`` stores.
+
+    ``shared`` holds the DiT keyword inputs (``y``, ``clip_feature``, ``reference_latents``,
+    ``camera``, ``vace_context``, ``vace_scale``, ``motion_embedding``); ``vace_reference`` says that
+    ``input_latents`` lead with a VACE reference frame (the noise's last frame moves to the front).
+    """
+
+    input_latents: torch.Tensor
+    context: torch.Tensor
+    shared: dict[str, Any] = field(default_factory=dict)
+    vace_reference: bool = False
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainingInputs":
+        """A copy with every tensor on ``device`` (accelerate's DataLoader calls this)."""
+        move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return replace(self, input_latents=move(self.input_latents), context=move(self.context),
+                       shared={k: move(v) for k, v in self.shared.items()})
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's noise and timestep: a hash of (run seed, epoch, sample index).
+
+    It depends on nothing else, so 1 process with gradient accumulation and N processes see the
+    same draws, and a resumed run the draws of the uninterrupted one.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def training_noise(shape: Sequence[int], generator: torch.Generator, vace_reference: bool,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Gaussian noise as the pipeline's noise unit draws it (float32 on the CPU, then cast); with a
+    VACE reference frame leading the latents, the last noise frame moves to the front, as in the unit."""
+    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+    if vace_reference:
+        noise = torch.cat([noise[:, :, -1:], noise[:, :, :-1]], dim=2)
+    return noise.to(device=device, dtype=dtype)
+
+
+def tokenizer_config(args: argparse.Namespace) -> ModelConfig | None:
+    """``--tokenizer_path``, else the umT5 folder beside a T5 file of ``--model_paths``, else the seed's default."""
+    if args.tokenizer_path is not None:
+        return ModelConfig(path=args.tokenizer_path)
+    for config in model_configs(args):
+        for path in config.path if isinstance(config.path, list) else [config.path]:
+            if path is not None and Path(path).name == T5_FILE and (Path(path).parent / T5_TOKENIZER).is_dir():
+                return ModelConfig(path=str(Path(path).parent / T5_TOKENIZER))
+    return None
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device | str = "cpu",
+                  dit_only: bool = False) -> WanVideoPipeline:
+    """The pipeline of the model flags in ``--torch_dtype``; ``dit_only`` drops what cached training needs not."""
+    pipe = WanVideoPipeline.from_pretrained(torch_dtype=DTYPES[args.torch_dtype], device=device,
+                                            model_configs=model_configs(args),
+                                            tokenizer_config=tokenizer_config(args),
+                                            local_model_path=args.local_model_path)
+    if pipe.dit is None:
+        raise TrainingError("the model files hold no DiT (diffusion_pytorch_model*.safetensors): add it to "
+                            "--model_paths / --model_id_with_origin_paths")
+    if dit_only:
+        dropped = [slot for slot in ("vae", "text_encoder", "image_encoder", "motion_controller")
+                   if getattr(pipe, slot) is not None]
+        if dropped:
+            logger.info("training on cached inputs: %s not needed, dropped", ", ".join(dropped))
+        pipe.vae = pipe.text_encoder = pipe.image_encoder = pipe.motion_controller = pipe.prompter = None
+    else:
+        if pipe.vae is None:
+            raise TrainingError("training encodes the videos with the VAE: add Wan2.1_VAE.pth to the model files")
+        if pipe.prompter is None:
+            raise TrainingError(f"training encodes the prompts with umT5: add {T5_FILE} to the model files")
+    return pipe
+
+
+class WanTrainingModule(nn.Module):
+    """The seed's ``WanTrainingModule``: ``module(sample) -> loss`` for one sample of the dataset.
+
+    ``trainable_models`` are fine-tuned in full; ``lora_base_model`` gets peft LoRA layers of rank
+    ``lora_rank`` (alpha = rank) on ``lora_target_modules``. ``extra_inputs`` name the request
+    fields filled from the sample (``input_image``/``end_image``: first/last video frame).
+    Timesteps are drawn from the schedule indices in ``[min, max) * 1000`` of the boundaries.
+    """
+
+    def __init__(self, pipeline: WanVideoPipeline, trainable_models: Sequence[str] = (),
+                 lora_base_model: str | None = None, lora_target_modules: Sequence[str] = ("q", "k", "v", "o",
+                                                                                           "ffn.0", "ffn.2"),
+                 lora_rank: int = 32, use_gradient_checkpointing: bool = True,
+                 use_gradient_checkpointing_offload: bool = False, extra_inputs: Sequence[str] = (),
+                 max_timestep_boundary: float = 1.0, min_timestep_boundary: float = 0.0) -> None:
+        super().__init__()
+        self.pipeline = pipeline  # a plain object: its networks are not registered here
+        self.extra_inputs = list(extra_inputs)
+        self.use_gradient_checkpointing = use_gradient_checkpointing
+        self.use_gradient_checkpointing_offload = use_gradient_checkpointing_offload
+        self.timestep_range = (int(min_timestep_boundary * NUM_TRAIN_TIMESTEPS),
+                               int(max_timestep_boundary * NUM_TRAIN_TIMESTEPS))
+        self.scheduler = FlowEulerScheduler(shift=TRAINING_SHIFT, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        self.scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS, training=True)
+        self.lora_config: LoraConfig | None = None
+
+        networks = {slot: getattr(pipeline, slot) for slot in SLOTS.values() if getattr(pipeline, slot) is not None}
+        for network in networks.values():
+            network.requires_grad_(False).eval()
+        if lora_base_model is not None:
+            self._add_lora(lora_base_model, list(lora_target_modules), lora_rank)
+        # After the LoRA: peft freezes every non-LoRA weight of the network it adds layers to.
+        for name in trainable_models:
+            for part in self._parts(name):
+                part.requires_grad_(True).train()
+        self.pipe = nn.ModuleDict({slot: network for slot, network in networks.items()
+                                   if any(p.requires_grad for p in network.parameters())})
+        logger.info("trainable: %s parameters in %s", f"{sum(p.numel() for p in self.trainable_parameters()):,}",
+                    ", ".join(self.pipe) or "nothing")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, pipeline: WanVideoPipeline) -> "WanTrainingModule":
+        """The module the flags describe, around an already loaded ``pipeline``."""
+        return cls(pipeline, trainable_models=split_list(args.trainable_models),
+                   lora_base_model=args.lora_base_model, lora_target_modules=split_list(args.lora_target_modules),
+                   lora_rank=args.lora_rank, use_gradient_checkpointing=not args.no_gradient_checkpointing,
+                   use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
+                   extra_inputs=split_list(args.extra_inputs), max_timestep_boundary=args.max_timestep_boundary,
+                   min_timestep_boundary=args.min_timestep_boundary)
+
+    # -- what is trained ----------------------------------------------------------------------------
+
+    def _parts(self, name: str) -> list[nn.Module]:
+        """The modules a model name means: a whole network, or the VACE modules of the DiT."""
+        if name == "vace":
+            parts = [m for n, m in self.pipeline.dit.named_children() if n.startswith(VACE_PREFIX)]
+            if not parts:
+                raise TrainingError(f"'vace' names the VACE blocks, but the loaded {self.pipeline.dit.config.variant} "
+                                    "DiT has none; load a Wan2.1-VACE model")
+            return parts
+        network = getattr(self.pipeline, name, None)
+        if network is None:
+            hint = (" (DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1:model.safetensors)"
+                    if name == "motion_controller" else "")
+            raise TrainingError(f"cannot train {name!r}: no such network is loaded{hint}")
+        return [network]
+
+    def _add_lora(self, base: str, targets: list[str], rank: int) -> None:
+        """peft LoRA layers (A random, B zero: no change at the start) on ``targets`` inside ``base``."""
+        parts = self._parts(base)  # raises when the network is not loaded
+        root = self.pipeline.dit.vace_blocks if base == "vace" else parts[0]
+        layers = {name: module for name, module in root.named_modules() if isinstance(module, (nn.Linear, nn.Conv3d))}
+        unknown = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in layers)]
+        if unknown:
+            known = sorted({re.sub(r"^(?:\w*blocks\.)?\d+\.", "", name) for name in layers})
+            raise TrainingError(f"--lora_target_modules {unknown} match no layer of {base}; its layers are "
+                                f"(inside each block) {known}")
+        self.lora_config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+        inject_adapter_in_model(self.lora_config, root, adapter_name=ADAPTER)
+        logger.info("LoRA rank %d on %s: %s", rank, base, ", ".join(targets))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_names(self) -> list[str]:
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    @staticmethod
+    def export_name(name: str, remove_prefix: str | None) -> str:
+        """A parameter's name in saved files: ``remove_prefix`` stripped, peft's adapter name dropped.
+
+        ``pipe.vace.`` (the seed's VACE prefix) strips ``pipe.dit.`` from the DiT's ``vace_*``
+        weights, which gives the seed's key names.
+        """
+        if remove_prefix == "pipe.vace." and name.startswith(f"pipe.dit.{VACE_PREFIX}"):
+            name = "pipe.vace." + name.removeprefix("pipe.dit.")
+        if remove_prefix and name.startswith(remove_prefix):
+            name = name[len(remove_prefix):]
+        return name.replace(f".lora_A.{ADAPTER}.", ".lora_A.").replace(f".lora_B.{ADAPTER}.", ".lora_B.")
+
+    def check_extra_inputs(self) -> None:
+        """Image-conditioned DiTs need their image inputs in ``--extra_inputs`` (else step 1 would fail)."""
+        config, extras = self.pipeline.dit.config, set(self.extra_inputs)
+        if not config.image_input:
+            return
+        if config.camera_in_dim is not None:
+            needed = {"input_image", "camera_control_direction"}
+        elif config.in_dim == 3 * self.pipeline.latent_channels:
+            needed = {"control_video"}
+        else:
+            needed = {"input_image", "end_image"} if config.image_pos_emb else {"input_image"}
+        if not needed <= extras:
+            raise TrainingError(f"the loaded {config.variant} DiT is image-conditioned: add "
+                                f"{sorted(needed - extras)} to --extra_inputs")
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def forward(self, sample: dict[str, Any]) -> torch.Tensor:
+        """The loss of one sample: a dataset sample (or cached inputs) with its ``sample_seed``."""
+        inputs = sample.get("cached")
+        inputs = self.prepare_inputs(sample) if inputs is None else inputs.to(self.pipeline.device)
+        return self.loss(inputs, sample["sample_seed"])
+
+    def request(self, sample: dict[str, Any]) -> GenerationRequest:
+        """The generation request the units read: the video's size, the prompt, no CFG, untiled VAE."""
+        frames = sample["video"]
+        extras: dict[str, Any] = {}
+        for name in self.extra_inputs:
+            if name == "input_image":
+                extras[name] = frames[0]
+            elif name == "end_image":
+                extras[name] = frames[-1]
+            else:
+                value = sample[name]
+                extras[name] = value[0] if name in IMAGE_INPUTS and isinstance(value, list) else value
+        width, height = frames[0].size
+        return GenerationRequest(prompt=sample["prompt"], height=height, width=width, num_frames=len(frames),
+                                 cfg_scale=1.0, tiled=False, **extras)
+
+    def prepare_inputs(self, sample: dict[str, Any]) -> TrainingInputs:
+        """Run the pipeline's units and encode the video: everything of a step but noise and timestep."""
+        pipe, request = self.pipeline, self.request(sample)
+        cond = Conditioning()
+        # The units' networks are frozen, except a trainable motion controller (speed control).
+        with torch.set_grad_enabled(torch.is_grad_enabled() and "motion_controller" in self.pipe):
+            for unit in pipe.units:
+                unit(pipe, request, cond)
+        with torch.no_grad():
+            latents = pipe.encode_video(video_pixels(pipe, request, sample["video"], "video"), request)
+            if request.vace_reference_image is not None:
+                reference = pipe.encode_video(reference_pixels(pipe, request), request)
+                latents = torch.cat([reference, latents], dim=2)
+        return TrainingInputs(latents, cond.positive["context"], dict(cond.shared),
+                              request.vace_reference_image is not None)
+
+    def loss(self, inputs: TrainingInputs, seed: int) -> torch.Tensor:
+        """``mse(dit(add_noise(x0, noise, t)), noise - x0) * weight(t)`` with noise and ``t`` drawn from ``seed``."""
+        x0 = inputs.input_latents
+        generator = torch.Generator().manual_seed(seed)
+        noise = training_noise(x0.shape, generator, inputs.vace_reference, x0.dtype, x0.device)
+        index = torch.randint(*self.timestep_range, (1,), generator=generator)
+        # As the seed: the timestep is cast to the pipeline dtype (bf16 rounds it) before use.
+        timestep = self.scheduler.timesteps[index].to(dtype=self.pipeline.torch_dtype, device=x0.device)
+        noisy = self.scheduler.add_noise(x0, noise, timestep)
+        target = self.scheduler.training_target(x0, noise, timestep)
+        prediction = self.predict(noisy, timestep, inputs.context, inputs.shared)
+        weight = self.scheduler.training_weight(timestep).to(x0.device)
+        return F.mse_loss(prediction.float(), target.float()) * weight
+
+    def predict(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                shared: dict[str, Any]) -> torch.Tensor:
+        """``dit(x, timestep, context, **shared)`` with every block (DiT and VACE) checkpointed.
+
+        The stages are the DiT's own (``prepare``, blocks, ``finish``); only the block loops are
+        written out here, so that each block call can go through ``torch.utils.checkpoint``.
+        """
+        dit = self.pipeline.dit
+        shared = dict(shared)
+        vace_context = shared.pop("vace_context", None)
+        vace_scale = shared.pop("vace_scale", 1.0)
+        prepared = dit.prepare(x, timestep, context, **shared)
+        hints: list[torch.Tensor] = []
+        if vace_context is not None:
+            c = dit.vace_patch_embedding(vace_context.to(dit.dtype)).flatten(2).transpose(1, 2).float()
+            for block in dit.vace_blocks:
+                c, hint = self._run(block, c, prepared.tokens, prepared.e0, prepared.context, prepared.rope)
+                hints.append(hint)
+        tokens, layers = prepared.tokens, dit.config.vace_layers
+        for i, block in enumerate(dit.blocks):
+            tokens = self._run(block, tokens, prepared.e0, prepared.context, prepared.rope, prepared.image_tokens)
+            if hints and i in layers:
+                tokens = tokens + hints[layers.index(i)] * vace_scale
+        return dit.finish(tokens, prepared)
+
+    def _run(self, block: nn.Module, *args: Any) -> Any:
+        """``block(*args)``, checkpointed (activations recomputed in backward) when gradients are on."""
+        if not (self.use_gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args)
+        if self.use_gradient_checkpointing_offload:
+            with torch.autograd.graph.save_on_cpu():
+                return checkpoint(block, *args, use_reentrant=False)
+        return checkpoint(block, *args, use_reentrant=False)

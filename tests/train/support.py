@@ -1,0 +1,55 @@
+"""Helpers of the wan-train tests: synthetic videos, metadata files and the flags of a small run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from wan_models.configs import T5_FILE, VAE_FILE
+
+HEIGHT, WIDTH, FRAMES = 32, 48, 5
+VIDEO_SIZE, VIDEO_FRAMES = (56, 40), 7
+
+
+def moving_square(seed: int, frames: int = VIDEO_FRAMES, size: tuple[int, int] = VIDEO_SIZE) -> list[Image.Image]:
+    """A coloured square sliding over a gradient: smooth content that H.264 keeps well."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * rng.random(3)[None, None, :]
+    out = []
+    for t in range(frames):
+        array = np.broadcast_to(base, (height, width, 3)).copy()
+        x, y = 4 + 5 * t, 6 + t
+        array[y:y + 12, x:x + 12] = rng.integers(0, 256, 3)
+        out.append(Image.fromarray(array.astype(np.uint8)))
+    return out
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def model_paths(release: Path, dit: Path | list[Path] | None = None, *extra: Path) -> str:
+    """``--model_paths`` JSON: the DiT (default: the release's), umT5, VAE and any extra files."""
+    dit = release / "diffusion_pytorch_model.safetensors" if dit is None else dit
+    items: list[Any] = [[str(p) for p in dit] if isinstance(dit, list) else str(dit),
+                        str(release / T5_FILE), str(release / VAE_FILE), *map(str, extra)]
+    return json.dumps(items)
+
+
+def train_argv(release: Path, dataset: Path, output: Path, *extra: str, metadata: str = "metadata.csv",
+               paths: str | None = None) -> list[str]:
+    """Flags of a small float32 run (LoRA or full comes from ``extra``)."""
+    return ["--dataset_base_path", str(dataset), "--dataset_metadata_path", str(dataset / metadata),
+            "--height", str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES),
+            "--model_paths", paths or model_paths(release), "--output_path", str(output), "--torch_dtype", "float32",
+            "--dataset_num_workers", "0", "--disable_progress_bar", *extra]
