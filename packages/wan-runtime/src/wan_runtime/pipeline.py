@@ -23,6 +23,7 @@ from .caching import MagCache, TeaCache
 from .denoise import predict, predict_windows
 from .images import tensor_to_frames
 from .lora import LoraMerge, LoraSource, merge_lora, unmerge_lora
+from .memory import Accountant, VramManager, manage_pipeline
 from .parallel import SequenceParallel, enable_usp, init_process_group
 from .request import GenerationRequest
 from .schedulers import make_scheduler
@@ -77,6 +78,7 @@ class WanVideoPipeline:
         self.scheduler = make_scheduler("euler", shift=5.0)
         self.units: list[Unit] = list(UNITS)
         self.sequence_parallel: SequenceParallel | None = None  # set by parallel.enable_usp
+        self.vram: VramManager | None = None  # set by enable_vram_management
         self.attention_backend = "sdpa"  # set by from_pretrained through wan_kernels when installed
 
     # -- networks ---------------------------------------------------------------------------------
@@ -148,11 +150,33 @@ class WanVideoPipeline:
     def load_lora(self, module: torch.nn.Module, path: LoraSource, alpha: float = 1.0) -> LoraMerge:
         """Merge the LoRA at ``path`` into ``module`` (e.g. ``pipe.dit``) at strength ``alpha``, in place;
         returns the record :meth:`unload_lora` takes (see :mod:`wan_runtime.lora`)."""
+        self._offload()  # merge into the stored weights, not into compute copies about to be dropped
         return merge_lora(module, path, alpha)
 
     def unload_lora(self, merge: LoraMerge) -> None:
         """Subtract a LoRA merged by :meth:`load_lora`; other merged LoRAs stay, in any order."""
+        self._offload()
         unmerge_lora(merge.module, merge)
+
+    def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
+                               vram_buffer: float = 0.5, accountant: Accountant | None = None) -> VramManager:
+        """Keep each network in its offload place (``ModelConfig.offload_device``/``offload_dtype``) and
+        bring its layers to ``device`` as they run, keeping as many resident as the limit allows.
+
+        ``vram_limit`` (GiB; default: the CUDA device's memory, no limit elsewhere) minus ``vram_buffer``
+        bounds the weights on the device; ``num_persistent_param_in_dit`` instead fixes how many DiT
+        parameters stay resident. float8 weights are upcast to ``torch_dtype`` per layer. Calling it again
+        replaces the plan. See docs/vram_management.md.
+        """
+        if self.vram is not None:
+            self.vram.disable()
+        self.vram = manage_pipeline(self, num_persistent_param_in_dit, vram_limit, vram_buffer, accountant)
+        return self.vram
+
+    def _offload(self) -> None:
+        """Under VRAM management, every weight back in its offload place."""
+        if self.vram is not None:
+            self.vram.offload()
 
     @property
     def vae_spatial_factor(self) -> int:
@@ -298,9 +322,12 @@ class WanVideoPipeline:
             raise TypeError(f"unknown arguments {sorted(unknown)}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
-        cond = self.prepare(request)
-        latents = self.denoise(request, cond, progress_bar_cmd, step_callback)
-        return latents if output_type == "latent" else self.decode(latents, request)
+        try:
+            cond = self.prepare(request)
+            latents = self.denoise(request, cond, progress_bar_cmd, step_callback)
+            return latents if output_type == "latent" else self.decode(latents, request)
+        finally:
+            self._offload()  # between calls every weight is in its offload place
 
 
 def _repeat_batch(value: Any) -> Any:
