@@ -35,7 +35,7 @@ def read_video(path: Path) -> tuple[int, int, int]:
     return len(frames), frames[0].width, frames[0].height
 
 
-@pytest.mark.parametrize("command", ["", "generate", "download", "models", "info", "convert"])
+@pytest.mark.parametrize("command", ["", "generate", "download", "models", "info", "convert", "train"])
 def test_help(command: str) -> None:
     result = wan(*([command] if command else []), "--help")
     assert result.returncode == 0, result.stderr
@@ -163,3 +163,12 @@ def test_speed_flags(models_root: Path, tmp_path: Path) -> None:
             assert out.read_bytes() != plain.read_bytes(), name
     bad = wan("generate", *common, "--teacache", "0.1", "--teacache-model", "Wan2.1-T2V-2B", "-o", str(tmp_path / "x.mp4"))
     assert bad.returncode == 2 and "no TeaCache coefficients for 'Wan2.1-T2V-2B'" in bad.stderr
+
+
+def test_train_passes_the_seed_flags_through() -> None:
+    result = wan("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--dataset_base_path", "--lora_target_modules", "--trainable_models", "--extra_inputs"):
+        assert flag in result.stdout
+    bad = wan("train", "--dataset_base_path", "x", "--lora_rank", "many")
+    assert bad.returncode == 2 and "--lora_rank" in bad.stderr

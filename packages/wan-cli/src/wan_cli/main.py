@@ -11,11 +11,11 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer  # noqa: E402
 
-from . import convert, download, generate, info, models  # noqa: E402
+from . import convert, download, generate, info, models, train  # noqa: E402
 
 app = typer.Typer(help="Wan 2.1 video generation: make videos, fetch, inspect and convert models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for module in (generate, download, models, info, convert):
+for module in (generate, download, models, info, convert, train):
     module.register(app)
 
 
