@@ -109,7 +109,7 @@ def test_missing_column(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match=r"has no column \['control_video'\]"):
         _dataset(dataset, [{"video": "clip0.mp4", "prompt": "x"}], tmp_path, extra_inputs=["control_video"],
                  data_file_keys=["video", "control_video"])
-    with pytest.raises(TrainingError, match=r"--extra_inputs \['control_video'\] are files: add them to --data_file_keys"):
+    with pytest.raises(TrainingError, match=r"--extra_inputs \['control_video'\] are files: add them to --data_file"):
         _dataset(dataset, [{"video": "clip0.mp4", "prompt": "x", "control_video": "clip1.mp4"}], tmp_path,
                  extra_inputs=["control_video"])
     with pytest.raises(TrainingError, match=r"row 2: empty or missing \['prompt'\]"):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE_FILE
 from wan_runtime import ModelConfig, WanVideoPipeline
-from wan_train import TrainingError, VideoDataset, WanTrainingModule, build_cache, load_pipeline, main, parse_args, train
+from wan_train import (TrainingError, VideoDataset, WanTrainingModule, build_cache, load_pipeline, main, parse_args,
+                       train)
 from wan_train.module import sample_seed
 from wan_train.state import STATE_DIR
 
@@ -166,7 +167,8 @@ def test_gradient_checkpointing_changes_nothing(release: Path, dataset: Path, tm
 
 
 @pytest.mark.parametrize("case", ["missing column", "missing file", "short video", "unreadable video",
-                                  "bad model_paths JSON", "unknown lora target", "missing model file"])
+                                  "bad model_paths JSON", "unknown lora target", "missing model file",
+                                  "resume without a state"])
 def test_bad_input_stops_before_training(case: str, release: Path, dataset: Path, tmp_path: Path,
                                          caplog: pytest.LogCaptureFixture) -> None:
     metadata, paths, flags = "metadata.csv", None, ["--lora_base_model", "dit"]
@@ -188,6 +190,9 @@ def test_bad_input_stops_before_training(case: str, release: Path, dataset: Path
     elif case == "unknown lora target":
         flags += ["--lora_target_modules", "q,to_q"]
         expected = "--lora_target_modules ['to_q'] match no layer of dit"
+    elif case == "resume without a state":
+        flags += ["--resume"]
+        expected = "--resume: no resume state under"
     else:
         paths, expected = model_paths(release, tmp_path / "missing.safetensors"), "missing.safetensors"
     argv = train_argv(release, dataset, tmp_path / "out", *flags, paths=paths)

@@ -47,6 +47,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 TRAINING_SHIFT = 5.0  # the seed's training scheduler: FlowMatchScheduler(shift=5), 1000 steps
 VACE_PREFIX = "vace_"  # the DiT's VACE modules: vace_blocks, vace_patch_embedding
 ADAPTER = "default"  # peft's adapter name, dropped from saved keys
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
 
 @dataclass
@@ -135,8 +136,7 @@ class WanTrainingModule(nn.Module):
     """
 
     def __init__(self, pipeline: WanVideoPipeline, trainable_models: Sequence[str] = (),
-                 lora_base_model: str | None = None, lora_target_modules: Sequence[str] = ("q", "k", "v", "o",
-                                                                                           "ffn.0", "ffn.2"),
+                 lora_base_model: str | None = None, lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
                  lora_rank: int = 32, use_gradient_checkpointing: bool = True,
                  use_gradient_checkpointing_offload: bool = False, extra_inputs: Sequence[str] = (),
                  max_timestep_boundary: float = 1.0, min_timestep_boundary: float = 0.0) -> None:

@@ -104,8 +104,8 @@ def save_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
         model.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     elif accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-        save_file({n: p.detach().cpu().contiguous() for n, p in trainable.items()}, str(partial / "weights.safetensors"))
+        trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        save_file(trainable, str(partial / "weights.safetensors"))
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(_rng_state(), partial / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
