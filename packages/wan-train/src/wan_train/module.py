@@ -48,6 +48,9 @@ TRAINING_SHIFT = 5.0  # the seed's training scheduler: FlowMatchScheduler(shift=
 VACE_PREFIX = "vace_"  # the DiT's VACE modules: vace_blocks, vace_patch_embedding
 ADAPTER = "default"  # peft's adapter name, dropped from saved keys
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+# DiT parts that only run when one of these inputs is given (else their weights get no gradient).
+OPTIONAL_PARTS = {"ref_conv": ("reference_image",), "control_adapter": ("camera_control_direction",),
+                  VACE_PREFIX: ("vace_video", "vace_video_mask", "vace_reference_image")}
 
 
 @dataclass
@@ -211,6 +214,14 @@ class WanTrainingModule(nn.Module):
 
     def trainable_names(self) -> list[str]:
         return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def may_leave_parameters_unused(self) -> bool:
+        """Whether some trained DiT weights sit in a part the ``--extra_inputs`` never run (DDP must then
+        look for unused parameters every step)."""
+        extras = set(self.extra_inputs)
+        return any(name.startswith(prefix) and not extras & set(inputs)
+                   for name, p in self.pipeline.dit.named_parameters() if p.requires_grad
+                   for prefix, inputs in OPTIONAL_PARTS.items())
 
     @staticmethod
     def export_name(name: str, remove_prefix: str | None) -> str:

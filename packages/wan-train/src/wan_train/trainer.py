@@ -26,7 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs,
+                               set_seed)
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -81,7 +82,7 @@ class TrainResult:
     module: WanTrainingModule | None = None
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(args: argparse.Namespace, find_unused_parameters: bool = False) -> Accelerator:
     """The Accelerator of the launch (plain, DDP, or DeepSpeed from ``--deepspeed`` or the accelerate config).
 
     Without a GPU, DeepSpeed runs under ``torchrun`` on gloo: accelerate would otherwise see no
@@ -89,7 +90,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     """
     plugin = DeepSpeedPlugin(hf_ds_config=str(deepspeed_config(args.deepspeed))) if args.deepspeed else None
     wants_deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    handlers = []
+    handlers: list = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     if wants_deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -136,8 +137,9 @@ def _export(accelerator: Accelerator, model: torch.nn.Module, args: argparse.Nam
 def train(args: argparse.Namespace,
           on_step: Callable[[Progress, float], None] | None = None) -> TrainResult:
     """Train as the flags say; ``on_step(progress, loss)`` is called after every optimizer step."""
-    accelerator = make_accelerator(args)
-    show = accelerator.is_main_process and not args.disable_progress_bar
+    # Everything is loaded (on the CPU) and checked before the Accelerator, which must know whether
+    # DDP has to look for unused parameters.
+    show = int(os.environ.get("RANK", "0")) == 0 and not args.disable_progress_bar
     dataset = open_dataset(args, show_progress=show)
     pipeline = load_pipeline(args, dit_only=bool(args.use_cached))
     if isinstance(dataset, CachedDataset):
@@ -148,6 +150,7 @@ def train(args: argparse.Namespace,
     module = WanTrainingModule.from_args(args, pipeline)
     if not isinstance(dataset, CachedDataset):
         module.check_extra_inputs()
+    accelerator = make_accelerator(args, module.may_leave_parameters_unused())
     for network in (pipeline.dit, pipeline.vae, pipeline.text_encoder, pipeline.image_encoder,
                     pipeline.motion_controller):
         if network is not None:
