@@ -94,7 +94,7 @@ def main() -> None:
     label = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"# 1.3B DiT, {layers} blocks ({format_bytes(total)} in {str(dtype)[6:]}), {frames} frames at "
           f"{height}x{width}, on {label}; median of {args.repeats} forwards after one warm-up")
-    header = (f"{'configuration':<28}{'storage':>9}{'budget':>11}{'resident':>11}{'peak weights':>14}"
+    header = (f"{'configuration':<36}{'storage':>9}{'budget':>11}{'resident':>11}{'peak weights':>14}"
               f"{'peak alloc':>12}{'s/forward':>11}{'prefetch hit/miss':>19}")
     print(header)
     print("-" * len(header))
@@ -102,7 +102,7 @@ def main() -> None:
     def row(name: str, storage: str, budget: str, resident: str, weights: str, seconds: float, peak: int,
             prefetch: str = "-") -> None:
         alloc = format_bytes(peak) if cuda else "-"
-        print(f"{name:<28}{storage:>9}{budget:>11}{resident:>11}{weights:>14}{alloc:>12}{seconds:>11.3f}{prefetch:>19}")
+        print(f"{name:<36}{storage:>9}{budget:>11}{resident:>11}{weights:>14}{alloc:>12}{seconds:>11.3f}{prefetch:>19}")
 
     if cuda:
         dit.to(device)
