@@ -125,7 +125,7 @@ def test_failure_mid_write_leaves_no_partial_file(tmp_path, monkeypatch):
             raise RuntimeError("disk full (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(video_io.av.VideoFrame, "from_ndarray", failing)
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         save_video(gradient_frames(), target)
     with pytest.raises(RuntimeError, match="simulated"):

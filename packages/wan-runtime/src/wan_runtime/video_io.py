@@ -14,7 +14,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -73,6 +72,8 @@ def save_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: floa
     if width % 2 or height % 2:
         logger.warning("H.264 yuv420p needs even sizes: padding %dx%d frames to %dx%d by repeating the last "
                        "row/column", width, height, width + width % 2, height + height % 2)
+    import av  # imported on use: PyAV is only needed for reading and writing video files
+
     with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000),
                                       options={"crf": str(crf)})
@@ -132,6 +133,8 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, height: i
     With ``height`` and ``width`` each frame is centre-cropped and resized to them. Asking for more
     frames than the file has is an error naming both counts.
     """
+    import av
+
     size = _target_size(height, width)
     if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)
                                    or num_frames < 1):
