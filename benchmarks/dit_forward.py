@@ -1,0 +1,136 @@
+"""One DiT forward: ours vs diffusers' WanTransformer3DModel (vs DiffSynth's WanModel when installed).
+
+Same random weights (converted with ``wan_models.convert``), same fresh non-zero inputs each round,
+implementations interleaved (A B C A B C ...), medians reported with achieved TFLOP/s and the max
+relative difference of each peer's output from ours, so a fast-but-wrong result cannot win.
+
+    python benchmarks/dit_forward.py                                   # GPU: 1.3B, 480P 81 frames, bf16
+    python benchmarks/dit_forward.py --frames 9 --height 256 --width 256 --layers 2   # CPU-sized
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline import step_flops, sync  # noqa: E402
+
+import wan_models  # noqa: E402
+from wan_models import MODELS, WanDiT  # noqa: E402
+from wan_models.formats import diffusers as diffusers_format  # noqa: E402
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ours(dit: WanDiT) -> Forward:
+    return lambda x, t, ctx: dit(x, t, ctx)
+
+
+def diffusers_peer(dit: WanDiT, device, dtype) -> Forward | str:
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError as e:
+        return f"not installed ({e})"
+    config = {k: v for k, v in diffusers_format.transformer_config(dit.config).items() if not k.startswith("_")}
+    with torch.device(device):  # not meta: diffusers keeps its RoPE tables as non-persistent buffers
+        model = WanTransformer3DModel(**config)
+    model.load_state_dict(wan_models.convert(dit.state_dict(), to="diffusers"), strict=True)
+    model = model.to(dtype=dtype).eval()
+    # As diffusers' from_pretrained(torch_dtype=...) does: some modules stay float32.
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return lambda x, t, ctx: model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def diffsynth_peer(dit: WanDiT, device, dtype) -> Forward | str:
+    try:
+        from diffsynth.models.wan_video_dit import WanModel
+    except ImportError as e:
+        return f"not installed ({e})"
+    c = dit.config
+    with torch.device(device):
+        model = WanModel(dim=c.dim, in_dim=c.in_dim, ffn_dim=c.ffn_dim, out_dim=c.out_dim, text_dim=c.text_dim,
+                         freq_dim=c.freq_dim, eps=c.eps, patch_size=c.patch_size, num_heads=c.num_heads,
+                         num_layers=c.num_layers, has_image_input=False)
+    model.load_state_dict(dit.state_dict(), strict=True)
+    model = model.to(dtype=dtype).eval()
+    return lambda x, t, ctx: model(x, t.to(dtype), ctx)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--model", default="Wan2.1-T2V-1.3B")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kernels", action="store_true", help="switch wan_kernels on for ours")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    height, width = args.height or (480 if gpu else 256), args.width or (832 if gpu else 256)
+    frames = args.frames or (81 if gpu else 9)
+    config = MODELS[args.model].config
+    if args.layers:
+        config = config.replace(num_layers=args.layers)
+    with torch.device(device):
+        dit = WanDiT(config)
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
+    dit = dit.to(dtype).eval()
+    if args.kernels:
+        from wan_runtime.acceleration import enable_kernels
+
+        enable_kernels(None)
+    impls: dict[str, Forward | str] = {"ours": ours(dit), "diffusers": diffusers_peer(dit, device, dtype),
+                                       "diffsynth": diffsynth_peer(dit, device, dtype)}
+    runnable = {k: v for k, v in impls.items() if callable(v)}
+    shape = (1, config.in_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
+    tokens = shape[2] * shape[3] * shape[4] // 4
+    times: dict[str, list[float]] = {k: [] for k in runnable}
+    diffs: dict[str, list[float]] = {k: [] for k in runnable}
+    with torch.no_grad():
+        for round_ in range(args.rounds + 1):  # round 0 warms up
+            x = torch.randn(shape, generator=gen, device=device).to(dtype)
+            t = torch.rand(1, generator=gen, device=device) * 1000
+            ctx = torch.randn(1, 512, config.text_dim, generator=gen, device=device).to(dtype)
+            outputs = {}
+            for name, fn in runnable.items():
+                sync(device)
+                start = time.perf_counter()
+                outputs[name] = fn(x, t, ctx).float()
+                sync(device)
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+            ref = outputs["ours"]
+            for name, out in outputs.items():
+                diffs[name].append(((out - ref).abs().max() / ref.abs().max()).item())
+    flops = step_flops(config, tokens, branches=1)
+    where = torch.cuda.get_device_name() if gpu else "CPU"
+    print(f"# {args.model} DiT ({config.num_layers} layers), {tokens} tokens ({frames}x{height}x{width}), "
+          f"{str(dtype).removeprefix('torch.')}, {where}; median of {args.rounds} interleaved rounds")
+    print(f"{'impl':<10}{'ms':>10}{'TFLOP/s':>10}{'vs ours':>9}{'max rel diff':>14}")
+    base = statistics.median(times["ours"])
+    for name, value in impls.items():
+        if not callable(value):
+            print(f"{name:<10}  {value}")
+            continue
+        ms = statistics.median(times[name])
+        print(f"{name:<10}{ms * 1e3:>10.1f}{flops / ms / 1e12:>10.2f}{ms / base:>9.2f}{max(diffs[name]):>14.2e}")
+
+
+if __name__ == "__main__":
+    main()
