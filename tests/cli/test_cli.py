@@ -153,6 +153,7 @@ def test_speed_flags(models_root: Path, tmp_path: Path) -> None:
     save_file({f"blocks.{b}.self_attn.{m}.lora_{ab}.weight": torch.randn(shape, generator=gen)
                for b in range(2) for m in "qkvo" for ab, shape in (("A", (2, 32)), ("B", (32, 2)))}, str(lora))
     variants = {"lora": ["--lora", f"{lora}:0.8"], "fp8": ["--fp8"], "math": ["--attention", "math"],
+                "offload": ["--offload", "--vram-limit", "0.5"],
                 "teacache": ["--teacache", "0.5", "--teacache-model", "Wan2.1-T2V-1.3B"]}
     for name, flags in variants.items():
         out = tmp_path / f"{name}.mp4"
@@ -161,6 +162,8 @@ def test_speed_flags(models_root: Path, tmp_path: Path) -> None:
         assert read_video(out) == (5, 48, 32)
         if name in ("lora", "fp8"):
             assert out.read_bytes() != plain.read_bytes(), name
+        if name == "offload":  # same weights and dtype: offloading changes nothing in the video
+            assert out.read_bytes() == plain.read_bytes()
     bad = wan("generate", *common, "--teacache", "0.1", "--teacache-model", "Wan2.1-T2V-2B", "-o", str(tmp_path / "x.mp4"))
     assert bad.returncode == 2 and "no TeaCache coefficients for 'Wan2.1-T2V-2B'" in bad.stderr
 

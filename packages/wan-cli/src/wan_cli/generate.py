@@ -95,6 +95,9 @@ def generate(
     teacache_model: Optional[str] = typer.Option(None, "--teacache-model",
                                                  help="TeaCache coefficients to use (default: --model's name)."),
     usp: bool = typer.Option(False, "--usp", help="Sequence parallel across the GPUs of a torchrun launch."),
+    offload: bool = typer.Option(False, "--offload", help="Keep weights in CPU memory, stream layers to the GPU."),
+    vram_limit: Optional[float] = typer.Option(None, "--vram-limit", min=0.0,
+                                               help="GB of GPU memory for resident weights (with --offload)."),
     fps: int = typer.Option(15, "--fps", min=1, help="Frames per second of the mp4."),
     quality: int = typer.Option(5, "--quality", min=0, max=10, help="mp4 quality 0..10 (10 best)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if present)."),
@@ -132,6 +135,8 @@ def generate(
 
     from .model_source import resolve_model
 
+    if vram_limit is not None and not offload:
+        raise typer.BadParameter("--vram-limit needs --offload", param_hint="--vram-limit")
     timer = StageTimer()
     try:
         source = resolve_model(model)
@@ -158,9 +163,14 @@ def generate(
                             ("vace_video_mask", vace_mask)):
             if path is not None:
                 setattr(request, field, load_video(path, num_frames=request.num_frames, **size))
+    model_configs = source.model_configs
+    if offload:
+        import dataclasses
+
+        model_configs = [dataclasses.replace(c, offload_device="cpu") for c in model_configs]
     with timer.stage("load"):
         pipe = WanVideoPipeline.from_pretrained(torch_dtype=dtype_, device=device or default_device(),
-                                                model_configs=source.model_configs,
+                                                model_configs=model_configs,
                                                 tokenizer_config=source.tokenizer_config,
                                                 local_model_path=str(models_dir), use_usp=usp,
                                                 attention_backend=attention)
@@ -168,6 +178,8 @@ def generate(
             pipe.load_lora(pipe.dit, path, alpha=strength)
         if fp8:
             pipe.quantize_fp8()
+        if offload:
+            pipe.enable_vram_management(vram_limit=vram_limit)
     import torch
 
     with timer.stage("encode"), torch.no_grad():
