@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds, sync  # noqa: E402
 
 from wan_kernels import available_backends
 from wan_kernels.attention import get_backend
@@ -25,25 +30,6 @@ MODELS = {"1.3B": 12, "14B": 40}          # heads; head dim is 128 for both
 RESOLUTIONS = {"480P": 32760, "720P": 75600}
 HEAD_DIM, TEXT_TOKENS = 128, 512
 MATH_SCORE_BYTES = 4 << 30                 # math materialises B*H*Lq*Lk float32 scores; skip above this
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline import step_flops, sync  # noqa: E402
+from pipeline import step_flops  # noqa: E402
+from timing import sync  # noqa: E402
 
 import wan_models  # noqa: E402
 from wan_models import MODELS, WanDiT  # noqa: E402

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import median_seconds, sync  # noqa: E402
 
 from torch import nn
 
@@ -32,25 +37,6 @@ from wan_models.rope import rope_tables
 SHAPES = {"1.3B-480P": (1536, 12, (21, 30, 52)), "14B-720P": (5120, 40, (21, 45, 80))}  # width, heads, grid
 FFN_DIM = {1536: 8960, 5120: 13824}
 HEAD_DIM = 128
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def op_inputs(name: str, tokens: int, dim: int, heads: int, grid: tuple[int, int, int],

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from wan_models import MODELS, WanDiT
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import sync  # noqa: E402
+
+from wan_models import MODELS, WanDiT  # noqa: E402
 
 
 def step_flops(config, tokens: int, text_tokens: int = 512, branches: int = 2) -> float:
@@ -40,11 +45,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
         if i >= 3:
             times.append(time.perf_counter() - start)
     return 2 * size ** 3 / statistics.median(times)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main() -> None:
