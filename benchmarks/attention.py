@@ -13,15 +13,13 @@ of ``--repeats`` timed runs after ``--warmup`` and the max |diff| against SDPA's
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import median_seconds, sync  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from wan_kernels import available_backends
 from wan_kernels.attention import get_backend

@@ -17,16 +17,14 @@ sm89+/sm90 GPUs ``FP8Linear(scaled_mm=True)``; relative L2 error against the pla
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import median_seconds, sync  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from torch import nn
 

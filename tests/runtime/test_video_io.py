@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wan_runtime import video_io
 from wan_runtime.video_io import load_image, load_video, quality_to_crf, save_video
 
 # H.264 at crf 5 (quality 9) with 4:2:0 chroma on smooth test frames: per-frame mean error stays
