@@ -265,10 +265,14 @@ class WanDiT(nn.Module):
             grid = (grid[0] + 1, *grid[1:])
         return tokens, grid, n_ref
 
-    def vace_hints(self, tokens: torch.Tensor, vace_context: torch.Tensor, e0: torch.Tensor,
+    def embed_vace(self, vace_context: torch.Tensor) -> torch.Tensor:
+        """VACE context ``[B, 96, F, H, W]`` -> hint-stream tokens ``[B, L, dim]`` (float32)."""
+        return self.vace_patch_embedding(vace_context.to(self.dtype)).flatten(2).transpose(1, 2).float()
+
+    def vace_hints(self, tokens: torch.Tensor, c: torch.Tensor, e0: torch.Tensor,
                    context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
-        """One hint per VACE block, added after main block ``vace_layers[n]``."""
-        c = self.vace_patch_embedding(vace_context.to(self.dtype)).flatten(2).transpose(1, 2).float()
+        """One hint per VACE block from the hint stream ``c`` (:meth:`embed_vace`), added after main
+        block ``vace_layers[n]``."""
         hints = []
         for block in self.vace_blocks:
             c, hint = block(c, tokens, e0, context, rope)
@@ -309,7 +313,9 @@ class WanDiT(nn.Module):
             image_tokens = min(image_tokens, image_attention_tokens)
         tokens, grid, n_ref = self.embed_video(x, camera, reference_latents)
         rope = rope_tables(self.config.head_dim, grid, tokens.device)
-        hints = self.vace_hints(tokens, vace_context, e0, context, rope) if vace_context is not None else None
+        hints = None
+        if vace_context is not None:
+            hints = self.vace_hints(tokens, self.embed_vace(vace_context), e0, context, rope)
         return DiTInputs(tokens, e, e0, context, rope, image_tokens, grid, n_ref, hints, vace_scale)
 
     def run_blocks(self, inputs: "DiTInputs", tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -195,15 +195,9 @@ class SequenceParallelDiT:
 
     def _vace_hints(self, inputs: ShardedInputs, vace_context: torch.Tensor) -> list[torch.Tensor]:
         """``WanDiT.vace_hints`` on slices: the VACE blocks run sequence-parallel like the main ones."""
-        dit = self.dit
-        c = dit.vace_patch_embedding(vace_context.to(dit.dtype)).flatten(2).transpose(1, 2).float()
-        c = self.parallel.shard(c, 1)
-        hints = []
+        c = self.parallel.shard(self.dit.embed_vace(vace_context), 1)
         with self._sequence_parallel_self_attention(inputs.length):
-            for block in dit.vace_blocks:
-                c, hint = block(c, inputs.tokens, inputs.e0, inputs.context, inputs.rope)
-                hints.append(hint)
-        return hints
+            return self.dit.vace_hints(inputs.tokens, c, inputs.e0, inputs.context, inputs.rope)
 
     @contextmanager
     def _sequence_parallel_self_attention(self, length: int) -> Iterator[None]:
