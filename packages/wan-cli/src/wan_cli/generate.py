@@ -142,7 +142,9 @@ def generate(
         source = resolve_model(model)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
-    progress = (lambda x: x) if quiet else (lambda x: tqdm(x, desc="denoise", unit="step"))
+    def bar(stage: str, unit: str):
+        return (lambda x: x) if quiet else (lambda x: tqdm(x, desc=stage, unit=unit))
+
     with timer.stage("read"):
         from wan_runtime.request import GenerationRequest
 
@@ -173,7 +175,8 @@ def generate(
                                                 model_configs=model_configs,
                                                 tokenizer_config=source.tokenizer_config,
                                                 local_model_path=str(models_dir), use_usp=usp,
-                                                attention_backend=attention)
+                                                attention_backend=attention,
+                                                progress_bar_cmd=bar("load", "file"))
         for path, strength in loras:
             pipe.load_lora(pipe.dit, path, alpha=strength)
         if fp8:
@@ -185,7 +188,7 @@ def generate(
     with timer.stage("encode"), torch.no_grad():
         cond = pipe.prepare(request)
     with timer.stage("denoise"), torch.no_grad():
-        latents = pipe.denoise(request, cond, progress_bar_cmd=progress)
+        latents = pipe.denoise(request, cond, progress_bar_cmd=bar("denoise", "step"))
     with timer.stage("decode"), torch.no_grad():
         video_frames = pipe.decode(latents, request)
     if usp and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:

@@ -104,12 +104,14 @@ class WanVideoPipeline:
         redirect_common_files: bool = True,
         use_usp: bool = False,
         attention_backend: str | None = None,
+        progress_bar_cmd: Callable = tqdm,
     ) -> "WanVideoPipeline":
         """Resolve (download if needed) and load every model file; networks are detected by content.
 
         ``tokenizer_config`` defaults to the umT5 tokenizer folder of Wan-AI/Wan2.1-T2V-1.3B.
         With ``wan-kernels`` installed, the best attention backend (or ``attention_backend``, or
         ``$WAN_ATTENTION``) and the fused ops the device supports are switched on.
+        ``progress_bar_cmd`` wraps the list of model files (``lambda x: x`` silences it).
         ``use_usp=True`` (under torchrun) joins the process group, puts each rank on its own GPU and
         splits the DiT's tokens across the ranks (see :mod:`wan_runtime.parallel`).
         """
@@ -121,7 +123,7 @@ class WanVideoPipeline:
             tokenizer_config = ModelConfig(model_id="Wan-AI/Wan2.1-T2V-1.3B", origin_file_pattern="google/*")
         configs = redirect(list(model_configs)) if redirect_common_files else list(model_configs)
         pipe = cls(device=device, torch_dtype=torch_dtype)
-        for config in configs:
+        for config in progress_bar_cmd(configs):
             paths = config.resolve(local_model_path, skip_download=skip_download, use_usp=use_usp)
             module = wan_models.load_model(paths, dtype=config.offload_dtype or torch_dtype,
                                            device=config.offload_device or device)
