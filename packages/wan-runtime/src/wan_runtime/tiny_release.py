@@ -36,7 +36,7 @@ import random
 import sys
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import sentencepiece
 import torch
@@ -178,12 +178,16 @@ def _training_text(seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(12)) for _ in range(400)]
 
 
-def write_tokenizer(folder: Path, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0) -> Path:
+def write_tokenizer(folder: Path, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0,
+                    texts: Sequence[str] = ()) -> Path:
     """A small umT5-style tokenizer folder: ``spiece.model`` (unigram; pad 0, </s> 1, unk 2), the
-    equivalent ``tokenizer.json`` and the T5 tokenizer configs, loadable by ``AutoTokenizer``."""
+    equivalent ``tokenizer.json`` and the T5 tokenizer configs, loadable by ``AutoTokenizer``.
+
+    ``texts`` are trained on besides the generic prompt text (a trained model's captions, so that
+    their words become single pieces)."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_text(seed)), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter([*texts, *_training_text(seed)]), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         num_threads=1, minloglevel=2)
     folder.mkdir(parents=True, exist_ok=True)

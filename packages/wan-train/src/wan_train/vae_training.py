@@ -1,0 +1,197 @@
+"""Train a (small) Wan-VAE from scratch for reconstruction: ``python -m wan_train.vae``.
+
+The DiT trainer only fine-tunes DiTs; a new tiny model (see ``docs/tiny_model.md``) also needs a VAE
+that matches its data. This trains :class:`wan_models.WanVAE` of any :class:`VAEConfig` on the
+videos of a ``metadata.csv`` folder with an L1 + MSE reconstruction loss.
+
+Latents are learned *in the normalised space* the pipeline uses: the encoder's output goes through
+the released per-channel ``(mu - mean) / std`` (which every loader applies, as it is not stored in
+the file), a small Gaussian noise is added (the VAE's sampling, with a posterior std fixed relative
+to the latents' spread, so the encoder cannot drown its signal by shrinking) and a small
+``kl_weight * z**2`` penalty keeps them bounded. After training, :func:`normalise_latents` folds a
+per-channel affine map into the encoder's and decoder's 1x1 convs so that the normalised latents of
+the data are zero-mean and unit-std: a DiT trained on them sees N(0, 1)-scaled inputs although the
+tiny encoder's raw scale differs from the released VAE's. The checkpoint is ``Wan2.1_VAE.pth`` (released key layout, float32) and loads with
+``wan_models.load_model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wan_models.vae import VAEConfig, WanVAE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VAETrainConfig", "load_clips", "normalise_latents", "save_vae", "to_video", "train_vae", "vae_loss",
+           "main"]
+
+
+@dataclass
+class VAETrainConfig:
+    """Hyper-parameters of :func:`train_vae`."""
+
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    latent_noise: float = 0.05  # noise added to the latents, relative to their std (fixed-variance posterior)
+    kl_weight: float = 1e-4     # weight of mean(z**2) on the normalised latents
+    seed: int = 0
+    log_every: int = 50
+
+
+def load_clips(base: Path, metadata: Path, num_frames: int, height: int, width: int,
+               limit: int | None = None) -> torch.Tensor:
+    """The first ``num_frames`` frames of every video listed in ``metadata`` (``video`` column) as a
+    uint8 tensor ``[N, 3, T, H, W]``, kept in memory (small clips: decoding once is the cheap way)."""
+    from wan_runtime.video_io import load_video
+
+    with open(metadata, newline="") as f:
+        names = [row["video"] for row in csv.DictReader(f)]
+    names = names[:limit] if limit else names
+    clips = [np.stack([np.asarray(frame) for frame in load_video(base / name, num_frames, height, width)])
+             for name in names]
+    return torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def to_video(clips: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, T, H, W]`` -> float in [-1, 1], the VAE's input range."""
+    return clips.float() / 127.5 - 1.0
+
+
+def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reconstruction (L1 + MSE) of ``video`` through noisy normalised latents, plus the latent penalty."""
+    z = vae.encode(video, normalize=True)
+    scale = latent_noise * z.detach().std()  # relative: a fixed signal-to-noise ratio at any latent scale
+    noisy = z + scale * torch.randn(z.shape, generator=generator, dtype=z.dtype)
+    recon = vae.decode(noisy, normalized=True, clamp=False)
+    l1 = (recon - video).abs().mean()
+    mse = F.mse_loss(recon, video)
+    prior = z.pow(2).mean()
+    loss = l1 + mse + kl_weight * prior
+    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "z_rms": prior.sqrt().item()}
+
+
+def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
+              output: Path | None = None, save_every: int = 0) -> list[dict[str, float]]:
+    """Train ``vae`` in place on uint8 ``clips`` with AdamW (cosine LR); returns the logged metrics.
+
+    With ``output``, the weights are written there (``Wan2.1_VAE.pth``) every ``save_every`` steps
+    and at the end.
+    """
+    gen = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+    history: list[dict[str, float]] = []
+    vae.train()
+    start = time.perf_counter()
+    for step in range(1, config.steps + 1):
+        index = torch.randint(len(clips), (config.batch_size,), generator=gen)
+        loss, metrics = vae_loss(vae, to_video(clips[index]), config.latent_noise, config.kl_weight, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % config.log_every == 0 or step == config.steps:
+            metrics["step"] = step
+            history.append(metrics)
+            logger.info("step %d/%d loss %.4f l1 %.4f mse %.4f z_rms %.2f (%.0f s)", step, config.steps,
+                        metrics["loss"], metrics["l1"], metrics["mse"], metrics["z_rms"],
+                        time.perf_counter() - start)
+        if output is not None and save_every and step % save_every == 0:
+            save_vae(vae, output)
+    if output is not None:
+        save_vae(vae, output)
+    vae.eval()
+    return history
+
+
+@torch.no_grad()
+def normalise_latents(vae: WanVAE, clips: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale ``vae`` in place so that its normalised latents of ``clips`` are zero-mean, unit-std per channel.
+
+    The pipeline always applies the released statistics, whatever the VAE; a tiny VAE's latents come
+    out at another scale (a DiT learns worse on latents far from unit scale). With ``m``, ``s`` the
+    per-channel mean/std of the current normalised latents, the encoder's mu rows become
+    ``mean + (mu - mean - std * m) / s`` and the decoder's first 1x1 conv takes the inverse, so that
+    decode(encode(x)) is unchanged. Returns the ``(m, s)`` that were folded in.
+    """
+    z = torch.cat([vae.encode(to_video(clips[i:i + batch_size])) for i in range(0, len(clips), batch_size)])
+    m, s = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+    mean = torch.tensor(vae.config.latents_mean)
+    std = torch.tensor(vae.config.latents_std)
+    zd = vae.config.z_dim
+    w1, b1 = vae.conv1.weight, vae.conv1.bias
+    w1[:zd] /= s.view(-1, 1, 1, 1, 1)
+    b1[:zd] = (b1[:zd] - mean - std * m) / s + mean
+    w2, b2 = vae.conv2.weight, vae.conv2.bias
+    matrix = w2[:, :, 0, 0, 0].clone()
+    b2 += matrix @ (mean + std * m - s * mean)
+    w2 *= s.view(1, -1, 1, 1, 1)
+    return m, s
+
+
+def save_vae(vae: WanVAE, path: Path) -> Path:
+    """The weights as a released-layout ``.pth`` (float32), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: train a VAE of ``--dim`` on a dataset folder, write ``--output``."""
+    parser = argparse.ArgumentParser(prog="python -m wan_train.vae", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_base_path", type=Path, required=True)
+    parser.add_argument("--dataset_metadata_path", type=Path, required=True)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--num_frames", type=int, default=17)
+    parser.add_argument("--max_clips", type=int, default=None, help="use only the first N clips")
+    parser.add_argument("--dim", type=int, default=8, help="VAEConfig.dim (z_dim stays 16)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--latent_noise", type=float, default=0.05)
+    parser.add_argument("--kl_weight", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_steps", type=int, default=200)
+    parser.add_argument("--resume", type=Path, default=None, help="start from these VAE weights")
+    parser.add_argument("--output", type=Path, required=True, help="the .pth to write (Wan2.1_VAE.pth)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    vae = WanVAE(VAEConfig(dim=args.dim))
+    if args.resume is not None:
+        vae.load_state_dict(torch.load(args.resume, map_location="cpu", weights_only=True))
+    start = time.perf_counter()
+    clips = load_clips(args.dataset_base_path, args.dataset_metadata_path, args.num_frames, args.height,
+                       args.width, args.max_clips)
+    logger.info("%d clips loaded in %.0f s; VAE dim %d: %.2f M parameters", len(clips),
+                time.perf_counter() - start, args.dim, sum(p.numel() for p in vae.parameters()) / 1e6)
+    config = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                            latent_noise=args.latent_noise, kl_weight=args.kl_weight, seed=args.seed)
+    train_vae(vae, clips, config, args.output, args.save_steps)
+    m, s = normalise_latents(vae, clips[:256])
+    logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
+                [round(v, 2) for v in m.tolist()], [round(v, 2) for v in s.tolist()])
+    save_vae(vae, args.output)
+
+
+if __name__ == "__main__":
+    main()

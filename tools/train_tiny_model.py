@@ -1,0 +1,214 @@
+"""Re-make the embedded tiny-shapes model (``wan_runtime/assets/tiny-shapes``) from scratch on a CPU.
+
+Stages (each one command, seeded; run them all or pick with ``--stages``), everything under WORK:
+
+1. ``data``: 3000 procedural shape clips (17 frames, 64x64) with ``tools/shapes_dataset.py``.
+2. ``vae``: a ``VAEConfig(dim=8)`` Wan-VAE trained for reconstruction (``python -m wan_train.vae``).
+3. ``init``: the starting release: random-but-fixed tiny umT5, a tokenizer trained on the captions,
+   the trained VAE, a freshly initialised tiny DiT (``config.json`` included).
+4. ``check_vae``: decode a few clips through the VAE and measure colour/direction (logged).
+5. ``cache``: ``python -m wan_train --cache_latents`` (VAE latents + T5 contexts, once).
+6. ``dit``: ``python -m wan_train --use_cached`` full training of the DiT (flow matching).
+7. ``ship``: the last DiT checkpoint in bfloat16 + the other files into the asset folder.
+
+    python tools/train_tiny_model.py /tmp/tiny [--stages data,vae,...] [--dit_epochs 3]
+
+See ``docs/tiny_model.md`` for the numbers of the shipped run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, measure_clip, prompt_for  # noqa: E402
+
+logger = logging.getLogger("train_tiny_model")
+
+ASSET = REPO / "packages/wan-runtime/src/wan_runtime/assets/tiny-shapes"
+STAGES = ("data", "vae", "init", "check_vae", "cache", "dit", "ship")
+CLIPS, SEED, FRAMES, SIZE = 3000, 0, 17, 64
+VAE_DIM, VAE_STEPS, VAE_FRAMES = 8, 600, 9
+T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
+DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
+DIT_LR = 5e-4
+
+
+def run(*command: str) -> None:
+    """Run one stage's command (logged, so the log holds the exact commands)."""
+    logger.info("$ %s", " ".join(command))
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def stage_data(work: Path) -> None:
+    """The training clips."""
+    run(sys.executable, "tools/shapes_dataset.py", str(work / "data"), "--count", str(CLIPS), "--seed", str(SEED),
+        "--frames", str(FRAMES), "--size", str(SIZE))
+
+
+def stage_vae(work: Path) -> None:
+    """Train the VAE on 9-frame clips (the causal VAE runs 17 frames the same way, chunk by chunk)."""
+    run(sys.executable, "-m", "wan_train.vae", "--dataset_base_path", str(work / "data"),
+        "--dataset_metadata_path", str(work / "data/metadata.csv"), "--num_frames", str(VAE_FRAMES),
+        "--max_clips", "1500", "--dim", str(VAE_DIM), "--steps", str(VAE_STEPS), "--batch_size", "4",
+        "--learning_rate", "2e-3", "--seed", str(SEED), "--save_steps", "100",
+        "--output", str(work / "vae/Wan2.1_VAE.pth"))
+
+
+def captions() -> list[str]:
+    """Every caption the shapes world can produce."""
+    return [prompt_for(*c) for c in itertools.product(SHAPES, COLORS, DIRECTIONS, BACKGROUNDS)]
+
+
+def stage_init(work: Path) -> None:
+    """The release to train from: fixed random T5, caption tokenizer, trained VAE, new DiT."""
+    import torch
+    from safetensors.torch import save_file
+
+    from wan_models import WanDiT
+    from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE_FILE
+    from wan_models.t5 import T5Config
+    from wan_runtime import tiny_release
+
+    release = work / "release"
+    t5 = T5Config(**T5_SIZES)
+    tiny_release.write_t5(release / T5_FILE, t5, seed=SEED)
+    tiny_release.write_tokenizer(release / T5_TOKENIZER, vocab_size=T5_SIZES["vocab"], seed=SEED,
+                                 texts=captions() * 4)
+    shutil.copy(work / "vae/Wan2.1_VAE.pth", release / VAE_FILE)
+    config = tiny_release.tiny_dit_config("Wan2.1-T2V-1.3B", t5).replace(**DIT_SIZES)
+    torch.manual_seed(SEED)
+    dit = WanDiT(config)  # PyTorch's layer initialisation, plus the official init of what it leaves empty:
+    weights = dit.state_dict()  # modulation ~ N(0, 1/dim), the output head at zero
+    for key, value in weights.items():
+        if key.endswith("modulation"):
+            weights[key] = torch.randn(value.shape) / config.dim ** 0.5
+        elif key.startswith("head.head."):
+            weights[key] = torch.zeros_like(value)
+    release.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()},
+              str(release / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    (release / "config.json").write_text(json.dumps(tiny_release.official_config_json(config), indent=2))
+    logger.info("DiT %.2f M parameters, T5 %s", sum(p.numel() for p in dit.parameters()) / 1e6, T5_SIZES)
+
+
+def stage_check_vae(work: Path, count: int = 24) -> None:
+    """Round-trip ``count`` clips through the VAE and measure them: colour/direction must survive."""
+    import csv
+
+    import torch
+
+    from wan_models import load_model
+    from wan_train.vae_training import load_clips, to_video
+
+    vae = load_model(work / "vae/Wan2.1_VAE.pth", network="vae", dtype=torch.float32).eval()
+    with open(work / "data/metadata.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[-count:]
+    meta = work / "check.csv"
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    clips = load_clips(work / "data", meta, FRAMES, SIZE, SIZE)
+    hits = {"color": 0, "direction": 0}
+    with torch.no_grad():
+        video = vae.decode(vae.encode(to_video(clips)))
+        z = vae.encode(to_video(clips))
+    frames = ((video + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1).numpy()
+    for row, clip in zip(rows, frames):
+        m = measure_clip(list(clip))
+        hits["color"] += m.color == row["color"]
+        hits["direction"] += m.direction == row["direction"]
+    l1 = (video - to_video(clips)).abs().mean().item()
+    logger.info("VAE round trip on %d held-out clips: L1 %.4f, colour %d/%d, direction %d/%d; "
+                "normalised latents mean %.2f std %.2f", count, l1, hits["color"], count,
+                hits["direction"], count, z.mean().item(), z.std().item())
+
+
+def _train_flags(work: Path) -> list[str]:
+    return ["--dataset_base_path", str(work / "data"), "--dataset_metadata_path", str(work / "data/metadata.csv"),
+            "--height", str(SIZE), "--width", str(SIZE), "--num_frames", str(FRAMES),
+            "--torch_dtype", "float32", "--dataset_num_workers", "0", "--seed", str(SEED)]
+
+
+def stage_cache(work: Path) -> None:
+    """VAE latents and T5 contexts of every clip, once."""
+    release = work / "release"
+    paths = [str(release / "diffusion_pytorch_model.safetensors"), str(release / "models_t5_umt5-xxl-enc-bf16.pth"),
+             str(release / "Wan2.1_VAE.pth")]
+    run(sys.executable, "-m", "wan_train", *_train_flags(work), "--model_paths", json.dumps(paths),
+        "--cache_latents", str(work / "cache"))
+
+
+def stage_dit(work: Path, epochs: int, resume: bool) -> None:
+    """Full flow-matching training of the DiT on the cache."""
+    release = work / "release"
+    run(sys.executable, "-m", "wan_train", *_train_flags(work),
+        "--model_paths", json.dumps([str(release / "diffusion_pytorch_model.safetensors")]),
+        "--use_cached", str(work / "cache"), "--trainable_models", "dit", "--learning_rate", str(DIT_LR),
+        "--num_epochs", str(epochs), "--output_path", str(work / "dit"), "--remove_prefix_in_ckpt", "pipe.dit.",
+        "--save_steps", "500", "--no_gradient_checkpointing", *(["--resume"] if resume else []))
+
+
+def latest_checkpoint(folder: Path) -> Path:
+    """The newest ``epoch-N``/``step-N`` safetensors of a training run."""
+    found = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no checkpoint in {folder}")
+    return found[-1]
+
+
+def stage_ship(work: Path, checkpoint: Path | None) -> None:
+    """The asset folder: trained DiT in bfloat16 + config.json, T5, VAE, tokenizer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = checkpoint or latest_checkpoint(work / "dit")
+    release = work / "release"
+    if ASSET.exists():
+        shutil.rmtree(ASSET)
+    ASSET.mkdir(parents=True)
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(str(checkpoint)).items()}
+    save_file(weights, str(ASSET / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
+        shutil.copy(release / name, ASSET / name)
+    shutil.copytree(release / "google", ASSET / "google")
+    size = sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file())
+    logger.info("shipped %s (%.1f MB) from %s", ASSET, size / 1e6, checkpoint)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen stages."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="work folder (dataset, cache, checkpoints; not the repository)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--dit_epochs", type=int, default=3)
+    parser.add_argument("--resume", action="store_true", help="dit: continue the last run's state")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="ship: this DiT checkpoint (default newest)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for stage in args.stages.split(","):
+        start = time.perf_counter()
+        if stage == "dit":
+            stage_dit(args.work, args.dit_epochs, args.resume)
+        elif stage == "ship":
+            stage_ship(args.work, args.checkpoint)
+        elif stage in STAGES:
+            globals()[f"stage_{stage}"](args.work)
+        else:
+            raise SystemExit(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+        logger.info("stage %s: %.0f s", stage, time.perf_counter() - start)
+
+
+if __name__ == "__main__":
+    main()
