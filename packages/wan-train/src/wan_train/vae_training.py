@@ -34,7 +34,7 @@ from wan_models.vae import VAEConfig, WanVAE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VAETrainConfig", "load_clips", "normalise_latents", "save_vae", "to_video", "train_vae", "vae_loss",
+__all__ = ["VAETrainConfig", "foreground_weight", "identity_init", "load_clips", "normalise_latents", "save_vae", "to_video", "train_vae", "vae_loss",
            "main"]
 
 
@@ -44,9 +44,10 @@ class VAETrainConfig:
 
     steps: int = 1000
     batch_size: int = 4
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     latent_noise: float = 0.05  # noise added to the latents, relative to their std (fixed-variance posterior)
     kl_weight: float = 1e-4     # weight of mean(z**2) on the normalised latents
+    fg_weight: float = 1.0      # loss weight of pixels far from the clip's median colour
     seed: int = 0
     log_every: int = 50
 
@@ -70,15 +71,27 @@ def to_video(clips: torch.Tensor) -> torch.Tensor:
     return clips.float() / 127.5 - 1.0
 
 
+def foreground_weight(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights ``[B, 1, T, H, W]``: 1, or ``fg_weight`` where a pixel is far from its clip's
+    median colour (the background of mostly-background clips): small objects then count as much as the
+    background, which a VAE otherwise learns first and alone."""
+    median = video.flatten(2).median(dim=2).values.view(video.shape[0], 3, 1, 1, 1)
+    far = (video - median).abs().amax(dim=1, keepdim=True) > 0.25
+    return 1.0 + (fg_weight - 1.0) * far.to(video.dtype)
+
+
 def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Reconstruction (L1 + MSE) of ``video`` through noisy normalised latents, plus the latent penalty."""
+             generator: torch.Generator | None = None,
+             fg_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted reconstruction (L1 + MSE, see :func:`foreground_weight`) of ``video`` through noisy
+    normalised latents, plus the latent penalty."""
     z = vae.encode(video, normalize=True)
     scale = latent_noise * z.detach().std()  # relative: a fixed signal-to-noise ratio at any latent scale
     noisy = z + scale * torch.randn(z.shape, generator=generator, dtype=z.dtype)
     recon = vae.decode(noisy, normalized=True, clamp=False)
-    l1 = (recon - video).abs().mean()
-    mse = F.mse_loss(recon, video)
+    weight = foreground_weight(video, fg_weight)
+    l1 = (weight * (recon - video).abs()).mean()
+    mse = (weight * (recon - video).square()).mean()
     prior = z.pow(2).mean()
     loss = l1 + mse + kl_weight * prior
     return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "z_rms": prior.sqrt().item()}
@@ -92,15 +105,16 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
     and at the end.
     """
     gen = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
     history: list[dict[str, float]] = []
     vae.train()
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
         index = torch.randint(len(clips), (config.batch_size,), generator=gen)
-        loss, metrics = vae_loss(vae, to_video(clips[index]), config.latent_noise, config.kl_weight, gen)
+        loss, metrics = vae_loss(vae, to_video(clips[index]), config.latent_noise, config.kl_weight, gen,
+                                 config.fg_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -145,6 +159,21 @@ def normalise_latents(vae: WanVAE, clips: torch.Tensor, batch_size: int = 8) -> 
     return m, s
 
 
+@torch.no_grad()
+def identity_init(vae: WanVAE) -> WanVAE:
+    """Zero the last conv of every residual block and every attention output, so that each block
+    starts as the identity: a fresh deep VAE then trains like a shallow one instead of sitting on
+    the mean colour for hundreds of steps (as PyTorch's default initialisation does)."""
+    for module in vae.modules():
+        if hasattr(module, "residual") and hasattr(module, "shortcut"):
+            torch.nn.init.zeros_(module.residual[-1].weight)
+            torch.nn.init.zeros_(module.residual[-1].bias)
+        elif hasattr(module, "to_qkv") and hasattr(module, "proj"):
+            torch.nn.init.zeros_(module.proj.weight)
+            torch.nn.init.zeros_(module.proj.bias)
+    return vae
+
+
 def save_vae(vae: WanVAE, path: Path) -> Path:
     """The weights as a released-layout ``.pth`` (float32), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +195,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=8, help="VAEConfig.dim (z_dim stays 16)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--learning_rate", type=float, default=2e-3)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--latent_noise", type=float, default=0.05)
     parser.add_argument("--kl_weight", type=float, default=1e-4)
+    parser.add_argument("--fg_weight", type=float, default=1.0,
+                        help="loss weight of object pixels (far from the clip's median colour)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_steps", type=int, default=200)
     parser.add_argument("--resume", type=Path, default=None, help="start from these VAE weights")
@@ -176,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
-    vae = WanVAE(VAEConfig(dim=args.dim))
+    vae = identity_init(WanVAE(VAEConfig(dim=args.dim)))
     if args.resume is not None:
         vae.load_state_dict(torch.load(args.resume, map_location="cpu", weights_only=True))
     start = time.perf_counter()
@@ -185,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("%d clips loaded in %.0f s; VAE dim %d: %.2f M parameters", len(clips),
                 time.perf_counter() - start, args.dim, sum(p.numel() for p in vae.parameters()) / 1e6)
     config = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                            latent_noise=args.latent_noise, kl_weight=args.kl_weight, seed=args.seed)
+                            latent_noise=args.latent_noise, kl_weight=args.kl_weight, fg_weight=args.fg_weight,
+                            seed=args.seed)
     train_vae(vae, clips, config, args.output, args.save_steps)
     m, s = normalise_latents(vae, clips[:256])
     logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
