@@ -13,6 +13,8 @@ from .options import DTYPES, default_device, load_config, torch_dtype
 
 CAMERA_DIRECTIONS = ("Left", "Right", "Up", "Down", "LeftUp", "LeftDown", "RightUp", "RightDown")
 SAMPLERS = ("euler", "unipc", "dpmpp")
+# Defaults of the size/step flags with --model; without it, the embedded model's DEFAULT_MODEL_SETTINGS.
+REGISTRY_MODEL_SETTINGS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "cfg_scale": 5.0}
 
 
 class StageTimer:
@@ -57,7 +59,9 @@ def _lora(value: str) -> tuple[Path, float]:
 def generate(
     prompt: str = typer.Option("", "--prompt", "-p", help="What the video shows."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="What to steer away from (with CFG)."),
-    model: str = typer.Option(..., "--model", "-m", help="Registry name (see `wan models`) or a local model folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Registry name (see `wan models`) or a local model folder "
+                                             "(default: the embedded tiny-shapes model, 64x64, 17 frames)."),
     output: Path = typer.Option(Path("output.mp4"), "--output", "-o", help="Where to write the mp4."),
     image: Optional[Path] = typer.Option(None, "--image", help="First frame (I2V, FLF2V, Fun InP, camera)."),
     end_image: Optional[Path] = typer.Option(None, "--end-image", help="Last frame (FLF2V, Fun InP)."),
@@ -74,11 +78,16 @@ def generate(
     vace_reference: Optional[Path] = typer.Option(None, "--vace-reference", help="VACE reference image."),
     vace_scale: float = typer.Option(1.0, "--vace-scale", help="Strength of the VACE hints."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (same seed, same video)."),
-    height: int = typer.Option(480, "--height", min=16, help="Pixels; rounded up to a multiple of 16."),
-    width: int = typer.Option(832, "--width", min=16, help="Pixels; rounded up to a multiple of 16."),
-    frames: int = typer.Option(81, "--frames", min=1, help="Frame count; rounded up to 4k+1."),
-    steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
-    cfg_scale: float = typer.Option(5.0, "--cfg-scale", min=0.0, help="Classifier-free guidance (1 = off)."),
+    height: Optional[int] = typer.Option(None, "--height", min=16, help="Pixels; rounded up to a multiple of 16."
+                                         " Default 480, or the embedded model's."),
+    width: Optional[int] = typer.Option(None, "--width", min=16, help="Pixels; rounded up to a multiple of 16."
+                                        " Default 832, or the embedded model's."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Frame count; rounded up to 4k+1."
+                                         " Default 81, or the embedded model's."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."
+                                        " Default 50, or the embedded model's."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0, help="Classifier-free guidance (1 = off)."
+                                              " Default 5.0, or the embedded model's."),
     sigma_shift: float = typer.Option(5.0, "--sigma-shift", help="Schedule time shift (> 0)."),
     sampler: str = typer.Option("euler", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
     motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,
@@ -107,7 +116,18 @@ def generate(
     config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=load_config,
                                           help="TOML file of option defaults (keys = flag names)."),
 ) -> None:
-    """Generate a video and write it as an mp4."""
+    """Generate a video and write it as an mp4 (with the embedded tiny-shapes model when no --model is given)."""
+    if model is None:
+        from wan_runtime.assets import DEFAULT_MODEL_SETTINGS, default_model_dir
+
+        model, defaults = str(default_model_dir()), DEFAULT_MODEL_SETTINGS
+    else:
+        defaults = REGISTRY_MODEL_SETTINGS
+    height = defaults["height"] if height is None else height
+    width = defaults["width"] if width is None else width
+    frames = defaults["frames"] if frames is None else frames
+    steps = defaults["steps"] if steps is None else steps
+    cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
     if camera_direction is not None and camera_direction not in CAMERA_DIRECTIONS:
         raise typer.BadParameter(f"{camera_direction!r} is not one of {', '.join(CAMERA_DIRECTIONS)}",
                                  param_hint="--camera-direction")
