@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import peers  # noqa: E402
 from pipeline import step_flops  # noqa: E402
 from timing import sync  # noqa: E402
 
@@ -53,18 +54,46 @@ def diffusers_peer(dit: WanDiT, device, dtype) -> Forward | str:
 
 
 def diffsynth_peer(dit: WanDiT, device, dtype) -> Forward | str:
+    """DiffSynth 2.x ``WanModel`` driven as ``WanVideoPipeline.model_fn_wan_video`` drives it for t2v.
+
+    Its own ``WanModel.forward`` cannot run in 2.1.12 (``patchify`` returns one tensor, ``forward``
+    unpacks ``x, (f, h, w)``), and its pipeline module needs torchvision, so the t2v branch of
+    ``model_fn_wan_video`` (no TeaCache, no sequence parallel, plain timestep) is replicated here
+    line for line: the same module calls in the same order and dtypes.
+    """
     try:
-        from diffsynth.models.wan_video_dit import WanModel
+        ds = peers.diffsynth_module("models.wan_video_dit")
     except ImportError as e:
         return f"not installed ({e})"
+    from einops import rearrange
+
     c = dit.config
-    with torch.device(device):
-        model = WanModel(dim=c.dim, in_dim=c.in_dim, ffn_dim=c.ffn_dim, out_dim=c.out_dim, text_dim=c.text_dim,
-                         freq_dim=c.freq_dim, eps=c.eps, patch_size=c.patch_size, num_heads=c.num_heads,
-                         num_layers=c.num_layers, has_image_input=False)
-    model.load_state_dict(dit.state_dict(), strict=True)
+    with torch.device(device):  # its RoPE table is a plain attribute, built where the model is made
+        model = ds.WanModel(dim=c.dim, in_dim=c.in_dim, ffn_dim=c.ffn_dim, out_dim=c.out_dim, text_dim=c.text_dim,
+                            freq_dim=c.freq_dim, eps=c.eps, patch_size=list(c.patch_size), num_heads=c.num_heads,
+                            num_layers=c.num_layers, has_image_input=False)
+    model.load_state_dict(dit.state_dict(), strict=True)  # same official keys, no conversion
     model = model.to(dtype=dtype).eval()
-    return lambda x, t, ctx: model(x, t.to(dtype), ctx)
+
+    def forward(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        timestep = t.to(dtype)  # the pipeline: timestep.unsqueeze(0).to(dtype=self.torch_dtype)
+        temb = model.time_embedding(ds.sinusoidal_embedding_1d(model.freq_dim, timestep))
+        t_mod = model.time_projection(temb).unflatten(1, (6, model.dim))
+        context = model.text_embedding(ctx)
+        h = model.patchify(x)
+        f, hh, ww = h.shape[2:]
+        h = rearrange(h, "b c f h w -> b (f h w) c").contiguous()
+        freqs = torch.cat([
+            model.freqs[0][:f].view(f, 1, 1, -1).expand(f, hh, ww, -1),
+            model.freqs[1][:hh].view(1, hh, 1, -1).expand(f, hh, ww, -1),
+            model.freqs[2][:ww].view(1, 1, ww, -1).expand(f, hh, ww, -1),
+        ], dim=-1).reshape(f * hh * ww, 1, -1).to(h.device)
+        for block in model.blocks:
+            h = block(h, context, t_mod, freqs)
+        h = model.head(h, temb)
+        return model.unpatchify(h, (f, hh, ww))
+
+    return forward
 
 
 def main() -> None:
@@ -131,6 +160,15 @@ def main() -> None:
             continue
         ms = statistics.median(times[name])
         print(f"{name:<10}{ms * 1e3:>10.1f}{flops / ms / 1e12:>10.2f}{ms / base:>9.2f}{max(diffs[name]):>14.2e}")
+    versions = []
+    for name, dist in (("diffusers", "diffusers"), ("diffsynth", "diffsynth")):
+        if callable(impls[name]):
+            from importlib.metadata import version
+
+            versions.append(f"{name} {version(dist)}")
+    if callable(impls["diffsynth"]):
+        versions.append(f"diffsynth import: {peers.DIFFSYNTH_IMPORT}")
+    print("# " + "; ".join(versions + [f"torch {torch.__version__}"]))
 
 
 if __name__ == "__main__":
