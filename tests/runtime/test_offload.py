@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from factories import TINY_DIT, dit_inputs, random_dit
+from factories import TINY_DIT, dit_inputs, one_thread_fixture, random_dit
 from wan_models import MODELS
 from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
 from wan_runtime import ModelConfig, WanVideoPipeline, tiny_release
@@ -78,13 +78,7 @@ class PoisonedStorage(Transfer):
         return [self.values[id(t)] for t in unit.tensors]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are tiny (see test_pipeline_e2e)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_fixture("module")
 
 
 def forward(dit: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

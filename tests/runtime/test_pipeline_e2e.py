@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from factories import one_thread_fixture
 from wan_models import MODELS
 from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
 from wan_runtime import WanVideoPipeline, tiny_release
@@ -104,14 +105,7 @@ MODES: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
 # --------------------------------------------------------------------------- models
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tensors this small gain nothing from more, and on a busy machine waiting
-    threads made the file about 10x slower (measured: 13 s vs 150 s for the same tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_fixture("module")
 
 
 @pytest.fixture(scope="module")

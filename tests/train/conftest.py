@@ -10,21 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
+from factories import one_thread_fixture
 from wan_runtime import tiny_release
 from wan_runtime.video_io import save_video
 
 from train.support import moving_square, write_csv
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors gain nothing from more, and subprocesses get their own."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_fixture("session")
 
 
 @pytest.fixture(scope="session")

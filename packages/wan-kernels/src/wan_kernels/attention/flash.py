@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import Check, cuda_check, import_check, tensor_check
-from .registry import Backend
+from .registry import gpu_backend
 
 INSTALL_FA3 = "build flash-attention's hopper/ package to get flash_attn_interface"
 INSTALL_FA2 = "pip install 'wan-kernels[flash]'"
@@ -34,38 +33,13 @@ def flash2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return flash_attn_func(*(_last_dim_contiguous(t) for t in (q, k, v)))
 
 
-def _flash3_available() -> Check:
-    ok, reason = cuda_check((9, 0), max_major=9)
-    return import_check("flash_attn_interface", INSTALL_FA3) if ok else (ok, reason)
-
-
-def _flash2_available() -> Check:
-    ok, reason = cuda_check((8, 0))
-    return import_check("flash_attn", INSTALL_FA2) if ok else (ok, reason)
-
-
-def _flash3_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Check:
-    return tensor_check(q, k, v, min_capability=(9, 0))
-
-
-def _flash2_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Check:
-    return tensor_check(q, k, v, min_capability=(8, 0))
-
-
-FLASH3 = Backend(
-    name="flash3",
-    fn=flash3_attention,
-    priority=400,
-    available=_flash3_available,
-    check=_flash3_supports,
+FLASH3 = gpu_backend(
+    "flash3", flash3_attention, 400, module="flash_attn_interface", install=INSTALL_FA3,
+    min_capability=(9, 0), max_major=9,
     description="FlashAttention 3 (flash_attn_interface); sm90, fp16/bf16, head dim %8 <= 256",
 )
 
-FLASH2 = Backend(
-    name="flash2",
-    fn=flash2_attention,
-    priority=300,
-    available=_flash2_available,
-    check=_flash2_supports,
+FLASH2 = gpu_backend(
+    "flash2", flash2_attention, 300, module="flash_attn", install=INSTALL_FA2, min_capability=(8, 0),
     description="FlashAttention 2 (flash_attn); sm80+, fp16/bf16, head dim %8 <= 256",
 )

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .checks import OK, Check
+from .checks import OK, Check, cuda_check, import_check, tensor_check
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,24 @@ class Backend:
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Check:
         """``(ok, reason)``: can this backend take these tensors."""
         return self.check(q, k, v)
+
+
+def gpu_backend(name: str, fn: AttentionFn, priority: int, *, module: str, install: str,
+                min_capability: tuple[int, int], max_major: int | None = None,
+                head_dims: tuple[int, ...] | None = None, description: str = "") -> Backend:
+    """A CUDA kernel backend: available with an sm ``min_capability``+ GPU (up to ``max_major``.x)
+    and ``module`` importable (imported only when checked), taking half-precision tensors on such
+    a GPU; the FlashAttention and Sage backends differ only in these arguments."""
+
+    def available() -> Check:
+        ok, reason = cuda_check(min_capability, max_major=max_major)
+        return import_check(module, install) if ok else (ok, reason)
+
+    def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Check:
+        return tensor_check(q, k, v, min_capability=min_capability, head_dims=head_dims)
+
+    return Backend(name=name, fn=fn, priority=priority, available=available, check=supports,
+                   description=description)
 
 
 class BackendUnavailable(RuntimeError):
