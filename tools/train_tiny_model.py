@@ -38,7 +38,7 @@ logger = logging.getLogger("train_tiny_model")
 ASSET = REPO / "packages/wan-runtime/src/wan_runtime/assets/tiny-shapes"
 STAGES = ("data", "vae", "init", "check_vae", "cache", "dit", "ship")
 CLIPS, SEED, FRAMES, SIZE = 3000, 0, 17, 64
-VAE_DIM, VAE_STEPS = 8, 700
+VAE_DIM, VAE_STEPS = 8, (1500, 1500)
 T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
 DIT_LR = 5e-4
@@ -58,12 +58,17 @@ def stage_data(work: Path) -> None:
 
 
 def stage_vae(work: Path) -> None:
-    """Train the VAE (identity-initialised blocks) on 5-frame clips with object pixels weighted x10; the
-    causal VAE then runs 17 frames chunk by chunk the same way."""
-    run(sys.executable, "-m", "wan_train.vae", "--dataset_base_path", str(work / "data"),
-        "--dataset_metadata_path", str(work / "data/metadata.csv"), "--max_clips", "1500",
-        "--dim", str(VAE_DIM), "--batch_size", "4", "--learning_rate", "1e-3", "--seed", str(SEED),
-        "--save_steps", "100", "--num_frames", "5", "--steps", str(VAE_STEPS), "--fg_weight", "10",
+    """Train the VAE (identity-initialised blocks, object pixels weighted x10) on random 32x32 crops in
+    two phases: 9-frame clips from scratch, then whole 17-frame clips with frame 0 (coded alone by the
+    causal VAE) weighted x4. Later chunks only learn a stable causal state from clips that long."""
+    common = ["--dataset_base_path", str(work / "data"), "--dataset_metadata_path", str(work / "data/metadata.csv"),
+              "--max_clips", "1500", "--dim", str(VAE_DIM), "--batch_size", "4", "--learning_rate", "1e-3",
+              "--crop", "32", "--save_steps", "100", "--fg_weight", "10"]
+    first = work / "vae/phase1.pth"
+    run(sys.executable, "-m", "wan_train.vae", *common, "--seed", str(SEED), "--num_frames", "9",
+        "--steps", str(VAE_STEPS[0]), "--output", str(first))
+    run(sys.executable, "-m", "wan_train.vae", *common, "--seed", str(SEED + 1), "--num_frames", str(FRAMES),
+        "--first_frame_weight", "4", "--steps", str(VAE_STEPS[1]), "--resume", str(first),
         "--output", str(work / "vae/Wan2.1_VAE.pth"))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from wan_models import load_model
@@ -49,3 +50,32 @@ def test_normalise_latents_keeps_reconstructions_and_unit_scales_latents() -> No
         after = vae.decode(z, clamp=False)
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(z.std(dim=(0, 2, 3, 4)), torch.ones(16), atol=1e-4, rtol=1e-4)
+
+
+def test_first_frame_weight_scales_only_frame_zero() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=4))
+    video = to_video(_clips()[:2])
+    losses = {}
+    for weight in (1.0, 5.0):
+        loss, metrics = vae_loss(vae, video, 0.0, 0.0, torch.Generator().manual_seed(0), first_frame_weight=weight)
+        losses[weight] = metrics["l1"]
+    with torch.no_grad():
+        error = (vae.decode(vae.encode(video), clamp=False) - video).abs()
+    per_frame = error.mean(dim=(0, 1, 3, 4))
+    expected = (per_frame[0] * 5 + per_frame[1:].sum()) / per_frame.numel()
+    assert abs(losses[5.0] - expected.item()) < 1e-4 * expected.item()
+    assert abs(losses[1.0] - per_frame.mean().item()) < 1e-4 * per_frame.mean().item()
+
+
+def test_crop_trains_on_squares_of_that_side_and_rejects_bad_sizes() -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=4))
+    seen = []
+    hook = vae.encoder.conv1.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    train_vae(vae, _clips(), VAETrainConfig(steps=2, batch_size=2, crop=8, log_every=1))
+    hook.remove()
+    assert set(seen) == {(8, 8)}
+    for bad in (12, 24):
+        with pytest.raises(ValueError, match=f"crop {bad} must be a multiple of 8"):
+            train_vae(vae, _clips(), VAETrainConfig(steps=1, crop=bad))

@@ -48,6 +48,8 @@ class VAETrainConfig:
     latent_noise: float = 0.05  # noise added to the latents, relative to their std (fixed-variance posterior)
     kl_weight: float = 1e-4     # weight of mean(z**2) on the normalised latents
     fg_weight: float = 1.0      # loss weight of pixels far from the clip's median colour
+    first_frame_weight: float = 1.0  # loss weight of frame 0 (the causal VAE's one-frame first chunk)
+    crop: int | None = None     # train on random square crops of this side (convolutions are size-agnostic)
     seed: int = 0
     log_every: int = 50
 
@@ -81,15 +83,17 @@ def foreground_weight(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
-             generator: torch.Generator | None = None,
-             fg_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted reconstruction (L1 + MSE, see :func:`foreground_weight`) of ``video`` through noisy
-    normalised latents, plus the latent penalty."""
+             generator: torch.Generator | None = None, fg_weight: float = 1.0,
+             first_frame_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted reconstruction (L1 + MSE, see :func:`foreground_weight`; frame 0 scaled by
+    ``first_frame_weight``) of ``video`` through noisy normalised latents, plus the latent penalty."""
     z = vae.encode(video, normalize=True)
     scale = latent_noise * z.detach().std()  # relative: a fixed signal-to-noise ratio at any latent scale
     noisy = z + scale * torch.randn(z.shape, generator=generator, dtype=z.dtype)
     recon = vae.decode(noisy, normalized=True, clamp=False)
     weight = foreground_weight(video, fg_weight)
+    if first_frame_weight != 1.0:
+        weight[:, :, :1] *= first_frame_weight
     l1 = (weight * (recon - video).abs()).mean()
     mse = (weight * (recon - video).square()).mean()
     prior = z.pow(2).mean()
@@ -104,6 +108,10 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
     With ``output``, the weights are written there (``Wan2.1_VAE.pth``) every ``save_every`` steps
     and at the end.
     """
+    factor = vae.config.spatial_factor
+    if config.crop is not None and (config.crop % factor or not factor <= config.crop <= min(clips.shape[-2:])):
+        raise ValueError(f"crop {config.crop} must be a multiple of {factor} between {factor} and the clips' "
+                         f"{tuple(clips.shape[-2:])} frame size")
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -112,9 +120,12 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
     vae.train()
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
-        index = torch.randint(len(clips), (config.batch_size,), generator=gen)
-        loss, metrics = vae_loss(vae, to_video(clips[index]), config.latent_noise, config.kl_weight, gen,
-                                 config.fg_weight)
+        batch = clips[torch.randint(len(clips), (config.batch_size,), generator=gen)]
+        if config.crop:
+            top, left = torch.randint(0, min(batch.shape[-2:]) - config.crop + 1, (2,), generator=gen).tolist()
+            batch = batch[..., top:top + config.crop, left:left + config.crop]
+        loss, metrics = vae_loss(vae, to_video(batch), config.latent_noise, config.kl_weight, gen,
+                                 config.fg_weight, config.first_frame_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -200,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kl_weight", type=float, default=1e-4)
     parser.add_argument("--fg_weight", type=float, default=1.0,
                         help="loss weight of object pixels (far from the clip's median colour)")
+    parser.add_argument("--first_frame_weight", type=float, default=1.0,
+                        help="loss weight of frame 0, which the causal VAE codes alone")
+    parser.add_argument("--crop", type=int, default=None, help="train on random square crops of this side")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_steps", type=int, default=200)
     parser.add_argument("--resume", type=Path, default=None, help="start from these VAE weights")
@@ -217,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 time.perf_counter() - start, args.dim, sum(p.numel() for p in vae.parameters()) / 1e6)
     config = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                             latent_noise=args.latent_noise, kl_weight=args.kl_weight, fg_weight=args.fg_weight,
-                            seed=args.seed)
+                            first_frame_weight=args.first_frame_weight, crop=args.crop, seed=args.seed)
     train_vae(vae, clips, config, args.output, args.save_steps)
     m, s = normalise_latents(vae, clips[:256])
     logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
