@@ -133,7 +133,7 @@ def test_cached_training_matches(release: Path, dataset: Path, tmp_path: Path) -
     plain = train(parse_args(train_argv(release, dataset, tmp_path / "plain", *flags)))
     cache = build_cache(parse_args(train_argv(release, dataset, tmp_path / "c", "--cache_latents",
                                               str(tmp_path / "cache"))))
-    assert len(list(cache.glob("*.safetensors"))) == 4
+    assert len(list(cache.glob("0*.safetensors"))) == 4 and (cache / "empty_prompt.safetensors").is_file()
     dit_only = json.dumps([str(release / "diffusion_pytorch_model.safetensors")])
     cached = train(parse_args(train_argv(release, dataset, tmp_path / "cached", *flags, "--use_cached", str(cache),
                                          paths=dit_only)))
@@ -207,3 +207,30 @@ def test_bad_input_stops_before_training(case: str, release: Path, dataset: Path
 
 def test_training_error_is_a_value_error() -> None:
     assert issubclass(TrainingError, ValueError)
+
+
+def test_empty_prompt_ratio_swaps_in_the_empty_context(release: Path, dataset: Path, tmp_path: Path) -> None:
+    """About that fraction of samples see the empty prompt's context (the pipeline's own encoding of
+    ""), chosen by each sample's seed; a cache carries that context so cached runs do the same."""
+    args = parse_args(train_argv(release, dataset, tmp_path, "--trainable_models", "dit",
+                                 "--empty_prompt_ratio", "0.3"))
+    module = WanTrainingModule.from_args(args, load_pipeline(args))
+    empty = module.pipeline.prompter.encode("").float()
+    seen = []
+    module.predict = lambda x, t, context, shared: seen.append(context) or torch.zeros_like(x)
+    with torch.no_grad():
+        inputs = module.prepare_inputs(one_sample(dataset))
+        for seed in range(200):
+            module.loss(inputs, seed)
+    swapped = [torch.equal(c, empty) for c in seen]
+    assert 0.2 < sum(swapped) / len(swapped) < 0.4
+    assert all(torch.equal(c, inputs.context) for c, s in zip(seen, swapped) if not s)
+    assert not torch.equal(inputs.context, empty)
+
+    cache = build_cache(parse_args(train_argv(release, dataset, tmp_path / "c", "--cache_latents",
+                                              str(tmp_path / "cache"))))
+    dit_only = json.dumps([str(release / "diffusion_pytorch_model.safetensors")])
+    cached = train(parse_args(train_argv(release, dataset, tmp_path / "cached", "--trainable_models", "dit",
+                                         "--empty_prompt_ratio", "0.3", "--use_cached", str(cache),
+                                         paths=dit_only)))
+    assert torch.equal(cached.module.empty_context.float(), empty)

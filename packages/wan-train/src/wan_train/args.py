@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STATE",
                       help="Continue from a resume state: a state folder, or (no value) the latest one under "
                            "OUTPUT_PATH/train_state/. Restores weights, optimizer, LR schedule, step and RNG.")
+    ours.add_argument("--empty_prompt_ratio", type=float, default=0.0,
+                      help="Fraction of steps (drawn per sample from the seed) trained on the empty prompt's context "
+                           "instead of the sample's, so that classifier-free guidance has an unconditional model.")
     ours.add_argument("--cache_latents", type=str, default=None, metavar="DIR",
                       help="Encode the dataset once (video latents, text context, conditioning) into DIR and exit; "
                            "train on it with --use_cached DIR.")
@@ -167,6 +170,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError(f"--num_frames must be of the form 4k+1 (1, 5, ..., 81), got {args.num_frames}")
     if not args.learning_rate > 0:
         raise TrainingError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if not 0.0 <= args.empty_prompt_ratio < 1.0:
+        raise TrainingError(f"--empty_prompt_ratio must be in [0, 1), got {args.empty_prompt_ratio}")
     low, high = args.min_timestep_boundary, args.max_timestep_boundary
     if not (0.0 <= low < high <= 1.0) or int(low * 1000) >= int(high * 1000):
         raise TrainingError(f"need 0 <= --min_timestep_boundary < --max_timestep_boundary <= 1 (at least one of the "

@@ -26,7 +26,7 @@ from wan_models import WanDiT
 
 from .args import TrainingError, split_list
 from .dataset import first_item, video_dataset
-from .module import TrainingInputs, WanTrainingModule, load_pipeline
+from .module import TrainingInputs, WanTrainingModule, empty_prompt_context, load_pipeline
 from .state import save_weights
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ __all__ = ["CACHE_FORMAT", "CachedDataset", "build_cache", "read_inputs", "write
 
 CACHE_FORMAT = 1
 MANIFEST = "cache.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"  # the empty prompt's context, for --empty_prompt_ratio
 SHARED = "shared."
 
 
@@ -60,6 +61,12 @@ def read_inputs(path: Path) -> TrainingInputs:
     return TrainingInputs(tensors["input_latents"], tensors["context"], shared, json.loads(metadata["vace_reference"]))
 
 
+def read_inputs_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor of a cache file."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key)
+
+
 def _sample_path(folder: Path, row: int) -> Path:
     return folder / f"{row:08d}.safetensors"
 
@@ -82,6 +89,8 @@ class CachedDataset(torch.utils.data.Dataset):
         if missing:
             raise TrainingError(f"{self.folder}: cached samples {missing[:5]} are missing; write the cache again")
         self.repeat = repeat
+        empty = self.folder / EMPTY_PROMPT
+        self.empty_context = read_inputs_tensor(empty, "context") if empty.is_file() else None
         logger.info("cached dataset: %d samples from %s, each seen %d times per epoch", self.rows, self.folder, repeat)
 
     def check_model(self, dit: WanDiT) -> None:
@@ -117,6 +126,7 @@ def build_cache(args: argparse.Namespace) -> Path:
             write_inputs(module.prepare_inputs(sample), _sample_path(folder, sample["index"]))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_weights({"context": empty_prompt_context(pipeline)}, folder / EMPTY_PROMPT)
         config = pipeline.dit.config
         manifest = {"format": CACHE_FORMAT, "samples": len(dataset), "dit_variant": config.variant,
                     "dit_in_dim": config.in_dim, "source": dataset.source, "num_frames": args.num_frames,

@@ -129,6 +129,11 @@ def load_pipeline(args: argparse.Namespace, device: torch.device | str = "cpu",
     return pipe
 
 
+def empty_prompt_context(pipeline: WanVideoPipeline) -> torch.Tensor:
+    """The context the pipeline's prompt unit gives the empty prompt (the default negative prompt)."""
+    return pipeline.prompter.encode("", device=pipeline.device).to(pipeline.torch_dtype)
+
+
 class WanTrainingModule(nn.Module):
     """The seed's ``WanTrainingModule``: ``module(sample) -> loss`` for one sample of the dataset.
 
@@ -136,13 +141,16 @@ class WanTrainingModule(nn.Module):
     ``lora_rank`` (alpha = rank) on ``lora_target_modules``. ``extra_inputs`` name the request
     fields filled from the sample (``input_image``/``end_image``: first/last video frame).
     Timesteps are drawn from the schedule indices in ``[min, max) * 1000`` of the boundaries.
+    ``empty_prompt_ratio`` of the samples (drawn from each sample's seed) see ``empty_context``, the
+    empty prompt's context, instead of their own: the unconditional model classifier-free guidance needs.
     """
 
     def __init__(self, pipeline: WanVideoPipeline, trainable_models: Sequence[str] = (),
                  lora_base_model: str | None = None, lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
                  lora_rank: int = 32, use_gradient_checkpointing: bool = True,
                  use_gradient_checkpointing_offload: bool = False, extra_inputs: Sequence[str] = (),
-                 max_timestep_boundary: float = 1.0, min_timestep_boundary: float = 0.0) -> None:
+                 max_timestep_boundary: float = 1.0, min_timestep_boundary: float = 0.0,
+                 empty_prompt_ratio: float = 0.0) -> None:
         super().__init__()
         self.pipeline = pipeline  # a plain object: its networks are not registered here
         self.extra_inputs = list(extra_inputs)
@@ -153,6 +161,10 @@ class WanTrainingModule(nn.Module):
         self.scheduler = FlowEulerScheduler(shift=TRAINING_SHIFT, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
         self.scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS, training=True)
         self.lora_config: LoraConfig | None = None
+        self.empty_prompt_ratio = empty_prompt_ratio
+        self.empty_context: torch.Tensor | None = None  # set by the caller when the pipeline has no prompter
+        if empty_prompt_ratio and pipeline.prompter is not None:
+            self.empty_context = empty_prompt_context(pipeline)
 
         networks = {slot: getattr(pipeline, slot) for slot in SLOTS.values() if getattr(pipeline, slot) is not None}
         for network in networks.values():
@@ -176,7 +188,7 @@ class WanTrainingModule(nn.Module):
                    lora_rank=args.lora_rank, use_gradient_checkpointing=not args.no_gradient_checkpointing,
                    use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
                    extra_inputs=split_list(args.extra_inputs), max_timestep_boundary=args.max_timestep_boundary,
-                   min_timestep_boundary=args.min_timestep_boundary)
+                   min_timestep_boundary=args.min_timestep_boundary, empty_prompt_ratio=args.empty_prompt_ratio)
 
     # -- what is trained ----------------------------------------------------------------------------
 
@@ -301,7 +313,13 @@ class WanTrainingModule(nn.Module):
         timestep = self.scheduler.timesteps[index].to(dtype=self.pipeline.torch_dtype, device=x0.device)
         noisy = self.scheduler.add_noise(x0, noise, timestep)
         target = self.scheduler.training_target(x0, noise, timestep)
-        prediction = self.predict(noisy, timestep, inputs.context, inputs.shared)
+        context = inputs.context
+        if self.empty_prompt_ratio and torch.rand((), generator=generator) < self.empty_prompt_ratio:
+            if self.empty_context is None:
+                raise TrainingError("--empty_prompt_ratio needs the empty prompt's context: load the text encoder, "
+                                    "or train on a cache written by this version (--cache_latents)")
+            context = self.empty_context.to(device=context.device, dtype=context.dtype)
+        prediction = self.predict(noisy, timestep, context, inputs.shared)
         weight = self.scheduler.training_weight(timestep).to(x0.device)
         return F.mse_loss(prediction.float(), target.float()) * weight
 

@@ -148,6 +148,8 @@ def train(args: argparse.Namespace,
             raise TrainingError("the motion controller runs before the DiT: it cannot train on cached inputs")
     set_seed(args.seed)  # LoRA initialisation: the same on every process and in every run
     module = WanTrainingModule.from_args(args, pipeline)
+    if isinstance(dataset, CachedDataset):
+        module.empty_context = dataset.empty_context
     if not isinstance(dataset, CachedDataset):
         module.check_extra_inputs()
     accelerator = make_accelerator(args, module.may_leave_parameters_unused())
