@@ -38,10 +38,11 @@ logger = logging.getLogger("train_tiny_model")
 ASSET = REPO / "packages/wan-runtime/src/wan_runtime/assets/tiny-shapes"
 STAGES = ("data", "vae", "init", "check_vae", "cache", "dit", "ship")
 CLIPS, SEED, FRAMES, SIZE = 3000, 0, 17, 64
-VAE_DIM, VAE_STEPS = 8, (1500, 1500)
+VAE_DIM, VAE_STEPS = 8, (1500, 1000)
 T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
 DIT_LR = 5e-4
+DIT_EMPTY_PROMPT = 0.1  # unconditional samples, for classifier-free guidance
 DIT_CLIPS = 1000
 
 
@@ -165,7 +166,8 @@ def stage_dit(work: Path, epochs: int, resume: bool) -> None:
     run(sys.executable, "-m", "wan_train", *_train_flags(work),
         "--model_paths", json.dumps([str(release / "diffusion_pytorch_model.safetensors")]),
         "--use_cached", str(work / "cache"), "--trainable_models", "dit", "--learning_rate", str(DIT_LR),
-        "--num_epochs", str(epochs), "--output_path", str(work / "dit"), "--remove_prefix_in_ckpt", "pipe.dit.",
+        "--num_epochs", str(epochs), "--empty_prompt_ratio", str(DIT_EMPTY_PROMPT),
+        "--output_path", str(work / "dit"), "--remove_prefix_in_ckpt", "pipe.dit.",
         "--save_steps", "500", "--no_gradient_checkpointing", *(["--resume"] if resume else []))
 
 
