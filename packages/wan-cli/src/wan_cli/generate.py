@@ -98,6 +98,8 @@ def generate(
     attention: Optional[str] = typer.Option(None, "--attention",
                                             help="Attention backend (wan-kernels): auto, flash3, flash2, sage, sdpa, math."),
     fp8: bool = typer.Option(False, "--fp8", help="Store the DiT blocks' linear weights in FP8 (wan-kernels)."),
+    compile: bool = typer.Option(False, "--compile",  # named as the flag: --config keys are parameter names
+                                 help="torch.compile each DiT block (the first step pays the compile time)."),
     lora: list[str] = typer.Option([], "--lora", help="LoRA file to merge into the DiT, PATH[:ALPHA]; repeatable."),
     teacache: Optional[float] = typer.Option(None, "--teacache", min=0.0,
                                              help="TeaCache threshold (e.g. 0.05 to 0.2): skip near-duplicate steps."),
@@ -157,6 +159,9 @@ def generate(
 
     if vram_limit is not None and not offload:
         raise typer.BadParameter("--vram-limit needs --offload", param_hint="--vram-limit")
+    if compile and (offload or usp):
+        raise typer.BadParameter(f"--compile does not compose with {'--offload' if offload else '--usp'} "
+                                 "(their hooks act inside the compiled blocks)", param_hint="--compile")
     timer = StageTimer()
     try:
         source = resolve_model(model)
@@ -203,6 +208,8 @@ def generate(
             pipe.quantize_fp8()
         if offload:
             pipe.enable_vram_management(vram_limit=vram_limit)
+        if compile:
+            pipe.compile()
     import torch
 
     with timer.stage("encode"), torch.no_grad():

@@ -25,7 +25,19 @@ _backend: AttentionFn = sdpa_attention
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over ``[B, L, H, D]`` tensors with the installed backend (default torch SDPA)."""
+    """Attention over ``[B, L, H, D]`` tensors with the installed backend (default torch SDPA).
+
+    Under ``torch.compile`` SDPA is traced into the graph; an installed backend runs outside it (a
+    graph break), as backends may keep Python state (wan_kernels counts calls: traced, every call
+    would recompile) or launch kernels dynamo cannot trace.
+    """
+    if _backend is sdpa_attention:
+        return sdpa_attention(q, k, v)
+    return _installed_backend(q, k, v)
+
+
+@torch.compiler.disable
+def _installed_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return _backend(q, k, v)
 
 

@@ -256,7 +256,9 @@ class WanDiT(nn.Module):
         if camera is not None:
             tokens = tokens + self.control_adapter(camera.to(self.dtype))
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2).float()
+        # Contiguous (a copy in float32 too): compiled blocks then see the same tensor layout in
+        # every block and share one graph (a view input guards on its base).
+        tokens = tokens.flatten(2).transpose(1, 2).float().contiguous()
         n_ref = 0
         if reference_latents is not None:
             ref = self.ref_conv(reference_latents[:, :, 0].to(self.dtype)).flatten(2).transpose(1, 2)

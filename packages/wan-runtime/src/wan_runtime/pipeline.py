@@ -20,6 +20,7 @@ from wan_models.vae import WanVAE
 
 from .acceleration import enable_kernels, quantize_fp8
 from .caching import MagCache, TeaCache
+from .compile import compile_blocks, is_compiled
 from .denoise import predict, predict_windows
 from .images import tensor_to_frames
 from .lora import LoraMerge, LoraSource, merge_lora, unmerge_lora
@@ -149,6 +150,24 @@ class WanVideoPipeline:
             raise ValueError("no DiT is loaded")
         return quantize_fp8(self.dit, include=include, scaled_mm=scaled_mm)
 
+    def compile(self, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False,
+                backend: str = "inductor") -> None:
+        """Compile each DiT block with ``torch.compile`` (regional: the blocks share one graph, so the
+        cost is one block's); the compile runs on the first denoising step. See docs/compile.md.
+
+        Options are ``torch.compile``'s. LoRA loading, FP8 storage and step caches compose with it;
+        VRAM management and sequence parallel raise, since their hooks act inside the blocks.
+        """
+        if self.dit is None:
+            raise ValueError("no DiT is loaded")
+        if self.vram is not None:
+            raise ValueError("compile() does not compose with enable_vram_management(): its hooks swap the "
+                             "weights of every layer inside the blocks; use one or the other")
+        if self.sequence_parallel is not None:
+            raise ValueError("compile() does not compose with use_usp=True yet: the sequence-parallel hooks "
+                             "swap the attention function inside the blocks")
+        compile_blocks(self.dit, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
+
     def load_lora(self, module: torch.nn.Module, path: LoraSource, alpha: float = 1.0) -> LoraMerge:
         """Merge the LoRA at ``path`` into ``module`` (e.g. ``pipe.dit``) at strength ``alpha``, in place;
         returns the record :meth:`unload_lora` takes (see :mod:`wan_runtime.lora`)."""
@@ -170,6 +189,9 @@ class WanVideoPipeline:
         parameters stay resident. float8 weights are upcast to ``torch_dtype`` per layer. Calling it again
         replaces the plan. See docs/vram_management.md.
         """
+        if self.dit is not None and is_compiled(self.dit):
+            raise ValueError("enable_vram_management() does not compose with compile(): its hooks swap the "
+                             "weights of every layer inside the compiled blocks; use one or the other")
         if self.vram is not None:
             self.vram.disable()
         self.vram = manage_pipeline(self, num_persistent_param_in_dit, vram_limit, vram_buffer, accountant)
