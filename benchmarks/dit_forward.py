@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--model", default="Wan2.1-T2V-1.3B")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--kernels", action="store_true", help="switch wan_kernels on for ours")
+    parser.add_argument("--kernels", action="store_true",
+                        help="switch wan_kernels on for ours (on a CPU also its optimize_for_cpu path)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -122,9 +123,11 @@ def main() -> None:
             p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
     dit = dit.to(dtype).eval()
     if args.kernels:
-        from wan_runtime.acceleration import enable_kernels
+        from wan_runtime.acceleration import enable_kernels, optimize_for_cpu
 
         enable_kernels(None)
+        if not gpu:
+            optimize_for_cpu(dit)
     impls: dict[str, Forward | str] = {"ours": ours(dit), "diffusers": diffusers_peer(dit, device, dtype),
                                        "diffsynth": diffsynth_peer(dit, device, dtype)}
     runnable = {k: v for k, v in impls.items() if callable(v)}
@@ -150,16 +153,19 @@ def main() -> None:
                 diffs[name].append(((out - ref).abs().max() / ref.abs().max()).item())
     flops = step_flops(config, tokens, branches=1)
     where = torch.cuda.get_device_name() if gpu else "CPU"
+    threads = "" if gpu else f", {torch.get_num_threads()} threads"
     print(f"# {args.model} DiT ({config.num_layers} layers), {tokens} tokens ({frames}x{height}x{width}), "
-          f"{str(dtype).removeprefix('torch.')}, {where}; median of {args.rounds} interleaved rounds")
-    print(f"{'impl':<10}{'ms':>10}{'TFLOP/s':>10}{'vs ours':>9}{'max rel diff':>14}")
+          f"{str(dtype).removeprefix('torch.')}, {where}{threads}; median of {args.rounds} interleaved rounds"
+          f"{', ours with wan_kernels' if args.kernels else ''}")
+    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
+    print(f"{'impl':<10}{'ms':>10}{unit:>10}{'vs ours':>9}{'max rel diff':>14}")
     base = statistics.median(times["ours"])
     for name, value in impls.items():
         if not callable(value):
             print(f"{name:<10}  {value}")
             continue
         ms = statistics.median(times[name])
-        print(f"{name:<10}{ms * 1e3:>10.1f}{flops / ms / 1e12:>10.2f}{ms / base:>9.2f}{max(diffs[name]):>14.2e}")
+        print(f"{name:<10}{ms * 1e3:>10.1f}{flops / ms / scale:>10.2f}{ms / base:>9.2f}{max(diffs[name]):>14.2e}")
     versions = []
     for name, dist in (("diffusers", "diffusers"), ("diffsynth", "diffsynth")):
         if callable(impls[name]):

@@ -3,7 +3,8 @@
 ``enable()`` installs an attention dispatcher (FlashAttention 3 > 2 > SageAttention > SDPA, or a
 backend chosen by name / ``$WAN_ATTENTION``) and, where triton and a GPU are present, the fused
 Triton versions of the DiT's elementwise ops; ``disable()`` puts back what was there before.
-``quantize_fp8(model)`` stores linear weights in FP8.
+``quantize_fp8(model)`` stores linear weights in FP8. ``optimize_for_cpu(model)`` sets up the
+CPU fast path (in-place MLP GELU, one-pass elementwise ops; see :mod:`wan_kernels.cpu`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from torch import nn
 from wan_models import attention as wan_attention
 from wan_models import ops as wan_ops
 
 from .attention import REGISTRY, AttentionDispatcher, AttentionReport, Backend, BackendUnavailable
+from .cpu import InplaceGeluMLP, cpu_ops, inplace_gelu_mlps
 from .fp8 import FP8Linear, FP8Report, quantize_fp8
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,15 @@ class _Installed:
 
 
 _installed: _Installed | None = None
+_cpu_installed: dict[str, tuple[Callable, Callable]] = {}  # op name -> (previous, installed) by optimize_for_cpu
+
+
+@dataclass(frozen=True)
+class CPUReport:
+    """What :func:`optimize_for_cpu` did: the MLPs it swapped and the ops it installed."""
+
+    mlps: tuple[str, ...]
+    ops: tuple[str, ...]
 
 
 def available_backends() -> list[str]:
@@ -48,7 +60,9 @@ def enable(backend: str | None = None, fused_ops: bool = True) -> str:
     global _installed
     dispatcher = REGISTRY.select(backend)
     fused = _fused_ops() if fused_ops else {}
-    disable()
+    _undo_enable()
+    if fused:  # the Triton ops take precedence over optimize_for_cpu's
+        _undo_cpu_ops()
     previous = wan_attention.set_attention_backend(dispatcher)
     installed_ops = {name: (wan_ops.set_op(name, fn), fn) for name, fn in fused.items()}
     _installed = _Installed(dispatcher, previous, installed_ops)
@@ -58,10 +72,21 @@ def enable(backend: str | None = None, fused_ops: bool = True) -> str:
 
 
 def disable() -> None:
-    """Restore the attention function and ops that were installed before :func:`enable`.
+    """Restore the attention function and ops that were installed before :func:`enable` and
+    :func:`optimize_for_cpu`.
 
     A hook someone replaced after ``enable`` is left alone (with a warning) rather than clobbered.
     """
+    _undo_cpu_ops()
+    _undo_enable()
+
+
+def _undo_cpu_ops() -> None:
+    _restore_ops(_cpu_installed)
+    _cpu_installed.clear()
+
+
+def _undo_enable() -> None:
     global _installed
     if _installed is None:
         return
@@ -69,12 +94,33 @@ def disable() -> None:
         wan_attention.set_attention_backend(_installed.previous_attention)
     else:
         logger.warning("wan_kernels.disable: attention was replaced after enable(); leaving it")
-    for name, (previous, ours) in _installed.ops.items():
+    _restore_ops(_installed.ops)
+    _installed = None
+
+
+def _restore_ops(installed: dict[str, tuple[Callable, Callable]]) -> None:
+    for name, (previous, ours) in installed.items():
         if wan_ops.get_op(name) is ours:
             wan_ops.set_op(name, previous)
         else:
-            logger.warning("wan_kernels.disable: op %s was replaced after enable(); leaving it", name)
-    _installed = None
+            logger.warning("wan_kernels.disable: op %s was replaced after wan_kernels installed it; leaving it", name)
+
+
+def optimize_for_cpu(model: nn.Module, elementwise_ops: bool = True) -> CPUReport:
+    """Set up the CPU fast path for ``model``: its ``Linear, GELU, Linear`` MLPs apply GELU in place
+    (bit-identical, same state_dict keys, no extra memory) and, if ``elementwise_ops``, the one-pass
+    torch ops replace those ``wan_models.ops`` still at their reference (fused Triton ops installed
+    by :func:`enable` are kept). :func:`disable` takes the ops back out; the MLP swap stays.
+    """
+    mlps = inplace_gelu_mlps(model)
+    installed = []
+    for name, fn in (cpu_ops() if elementwise_ops else {}).items():
+        if name not in _cpu_installed and wan_ops.get_op(name) is wan_ops.DEFAULTS[name]:
+            _cpu_installed[name] = (wan_ops.set_op(name, fn), fn)
+            installed.append(name)
+    logger.info("wan_kernels.optimize_for_cpu: %d MLPs with in-place GELU; ops: %s", len(mlps),
+                ", ".join(installed) or "none")
+    return CPUReport(tuple(mlps), tuple(installed))
 
 
 def attention_report(backend: str | None = None) -> AttentionReport:
@@ -102,6 +148,6 @@ def _fused_ops() -> dict[str, Callable]:
 
 
 __all__ = [
-    "AttentionReport", "Backend", "BackendUnavailable", "FP8Linear", "FP8Report", "attention_report",
-    "available_backends", "disable", "enable", "quantize_fp8",
+    "AttentionReport", "Backend", "BackendUnavailable", "CPUReport", "FP8Linear", "FP8Report", "InplaceGeluMLP",
+    "attention_report", "available_backends", "disable", "enable", "optimize_for_cpu", "quantize_fp8",
 ]

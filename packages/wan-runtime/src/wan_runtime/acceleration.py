@@ -1,4 +1,4 @@
-"""Optional speed-ups from ``wan_kernels`` (attention backends, fused ops, FP8 linears).
+"""Optional speed-ups from ``wan_kernels`` (attention backends, fused ops, FP8 linears, CPU fast path).
 
 ``wan_runtime`` works without that package; with it, the pipeline installs the best attention
 backend and the fused ops the machine supports.
@@ -38,3 +38,14 @@ def quantize_fp8(module: nn.Module, include: str | list[str] | None = "blocks.*"
     report = wan_kernels.quantize_fp8(module, include=patterns, scaled_mm=scaled_mm)
     logger.info("FP8: %s", report)
     return report
+
+
+def optimize_for_cpu(module: nn.Module):
+    """The ``wan_kernels`` CPU fast path for ``module`` (in-place MLP GELU, one-pass elementwise ops);
+    returns its report, or ``None`` (a log line) without the package: the model runs unchanged."""
+    try:
+        import wan_kernels
+    except ImportError:
+        logger.info("wan-kernels is not installed: no CPU fast path (%s)", INSTALL_HINT)
+        return None
+    return wan_kernels.optimize_for_cpu(module)
