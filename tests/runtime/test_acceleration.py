@@ -38,6 +38,23 @@ def test_from_pretrained_installs_kernels(release) -> None:
     assert wan_models.get_attention_backend() is wan_models.attention.sdpa_attention
 
 
+def test_cpu_pipeline_gets_the_cpu_path_and_the_same_latents(release) -> None:
+    from wan_kernels.cpu import InplaceGeluMLP
+
+    kwargs = dict(prompt="a cat", height=32, width=48, num_frames=5, num_inference_steps=2, seed=0,
+                  output_type="latent", progress_bar_cmd=lambda x: x)
+    try:
+        pipe = load(release)
+        assert isinstance(pipe.dit.blocks[0].ffn, InplaceGeluMLP)
+        assert wan_models.ops.get_op("modulate") is not wan_models.ops.DEFAULTS["modulate"]
+        fast = pipe(**kwargs)
+        wan_kernels.disable()  # back to the reference ops (the in-place GELU is bit-identical)
+        plain = pipe(**kwargs)
+    finally:
+        wan_kernels.disable()
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)  # float32 rounding, two steps
+
+
 def test_fp8_dit(release) -> None:
     try:
         pipe = load(release)

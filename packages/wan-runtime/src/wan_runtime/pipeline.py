@@ -18,7 +18,7 @@ from wan_models.clip import CLIPVisionTower
 from wan_models.t5 import UMT5Encoder
 from wan_models.vae import WanVAE
 
-from .acceleration import enable_kernels, quantize_fp8
+from .acceleration import enable_kernels, optimize_for_cpu, quantize_fp8
 from .caching import MagCache, TeaCache
 from .compile import compile_blocks, is_compiled
 from .denoise import predict, predict_windows
@@ -111,7 +111,8 @@ class WanVideoPipeline:
 
         ``tokenizer_config`` defaults to the umT5 tokenizer folder of Wan-AI/Wan2.1-T2V-1.3B.
         With ``wan-kernels`` installed, the best attention backend (or ``attention_backend``, or
-        ``$WAN_ATTENTION``) and the fused ops the device supports are switched on.
+        ``$WAN_ATTENTION``) and the fused ops the device supports are switched on, plus its CPU fast
+        path for a DiT computed on the CPU (exact to float32 rounding, no extra weight memory).
         ``progress_bar_cmd`` wraps the list of model files (``lambda x: x`` silences it).
         ``use_usp=True`` (under torchrun) joins the process group, puts each rank on its own GPU and
         splits the DiT's tokens across the ranks (see :mod:`wan_runtime.parallel`).
@@ -137,6 +138,8 @@ class WanVideoPipeline:
             folder = folder if folder.is_dir() else folder.parent
             pipe.prompter = Prompter.from_folder(folder, pipe.text_encoder)
         pipe.attention_backend = enable_kernels(attention_backend)
+        if pipe.dit is not None and torch.device(device).type == "cpu":
+            optimize_for_cpu(pipe.dit)
         if use_usp:
             enable_usp(pipe)
         return pipe
