@@ -1,8 +1,10 @@
 """One DiT forward: ours vs diffusers' WanTransformer3DModel (vs DiffSynth's WanModel when installed).
 
-Same random weights (converted with ``wan_models.convert``), same fresh non-zero inputs each round,
+Same random weights (converted with ``wan_models.convert``), same fresh inputs each round,
 implementations interleaved (A B C A B C ...), medians reported with achieved TFLOP/s and the max
-relative difference of each peer's output from ours, so a fast-but-wrong result cannot win.
+relative difference of each peer's output from ours, so a fast-but-wrong result cannot win. The
+text context is 512 rows as pipelines pass it: ``--prompt-tokens`` random rows, then zeros
+(``--prompt-tokens 512``: all random); latents and timestep are random, never zero.
 
     python benchmarks/dit_forward.py                                   # GPU: 1.3B, 480P 81 frames, bf16
     python benchmarks/dit_forward.py --frames 9 --height 256 --width 256 --layers 2   # CPU-sized
@@ -104,9 +106,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--model", default="Wan2.1-T2V-1.3B")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=128,
+                        help="non-zero context rows; the rest of the 512 are zero, as a pipeline pads the prompt")
     parser.add_argument("--kernels", action="store_true",
                         help="switch wan_kernels on for ours (on a CPU also its optimize_for_cpu path)")
     args = parser.parse_args()
+    if not 0 <= args.prompt_tokens <= 512:
+        parser.error(f"--prompt-tokens must be 0..512, got {args.prompt_tokens}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -140,6 +146,7 @@ def main() -> None:
             x = torch.randn(shape, generator=gen, device=device).to(dtype)
             t = torch.rand(1, generator=gen, device=device) * 1000
             ctx = torch.randn(1, 512, config.text_dim, generator=gen, device=device).to(dtype)
+            ctx[:, args.prompt_tokens:] = 0
             outputs = {}
             for name, fn in runnable.items():
                 sync(device)
@@ -155,7 +162,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if gpu else "CPU"
     threads = "" if gpu else f", {torch.get_num_threads()} threads"
     print(f"# {args.model} DiT ({config.num_layers} layers), {tokens} tokens ({frames}x{height}x{width}), "
-          f"{str(dtype).removeprefix('torch.')}, {where}{threads}; median of {args.rounds} interleaved rounds"
+          f"{args.prompt_tokens}/512 prompt tokens, {str(dtype).removeprefix('torch.')}, {where}{threads}; "
+          f"median of {args.rounds} interleaved rounds"
           f"{', ours with wan_kernels' if args.kernels else ''}")
     unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
     print(f"{'impl':<10}{'ms':>10}{unit:>10}{'vs ours':>9}{'max rel diff':>14}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,51 @@ def layer_norm32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps)
 
 
+# Rows kept before the folded padding are rounded up to a multiple of this, so that prompts of
+# similar length give the same shapes (one graph for compiled blocks); zero rows kept are ordinary rows.
+CONTEXT_ROWS_MULTIPLE = 64
+
+
+class Context(NamedTuple):
+    """The embedded context (CLIP image tokens first) and the additive key bias of the text attention.
+
+    ``bias`` is ``None`` (plain attention) or ``[L_ctx]`` zeros ending in ``log(count)``: the last
+    row then stands for ``count`` trailing zero-padding rows (see :func:`fold_padding`).
+    """
+
+    rows: torch.Tensor                            # [B, L_ctx, dim]
+    bias: torch.Tensor | None
+
+
+def fold_padding(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold the trailing rows that are zero in every batch item into one zero row; returns it with its bias.
+
+    The zero rows all give the same key and value, and softmax attention over ``n`` identical rows
+    equals attention over one of them with its logit raised by ``log(n)``. The bias is ``None``
+    (context unchanged) when fewer than two rows would fold.
+    """
+    total = context.shape[1]
+    used = context.ne(0).any(-1).any(0)
+    length = int((used * torch.arange(1, total + 1, device=context.device)).max())
+    keep = min(-(-length // CONTEXT_ROWS_MULTIPLE) * CONTEXT_ROWS_MULTIPLE, total)
+    if total - keep < 2:
+        return context, None
+    # The mean of the zero rows is zero, and spreads the row's gradient evenly over them, as attending each would.
+    folded = torch.cat([context[:, :keep], context[:, keep:].mean(1, keepdim=True)], dim=1)
+    bias = torch.zeros(keep + 1, dtype=context.dtype, device=context.device)
+    bias[-1] = math.log(total - keep)
+    return folded, bias
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`attention`, or SDPA with ``bias [L_k]`` added to every query's logits (the hook takes no bias)."""
+    if bias is None:
+        return attention(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=bias.to(q.dtype).unsqueeze(0))
+    return out.transpose(1, 2)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True) -> None:
         super().__init__()
@@ -69,8 +114,9 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Attention from video tokens to the text context, plus a CLIP image branch on image models.
 
-    The first ``image_tokens`` context rows go to the image branch (``k_img``/``v_img``); both
-    branches share ``q`` and are summed before ``o``.
+    The first ``image_tokens`` context rows go to the image branch (``k_img``/``v_img``), the
+    others to the text branch with the context's bias; both branches share ``q`` and are summed
+    before ``o``.
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True,
@@ -85,12 +131,13 @@ class CrossAttention(nn.Module):
             self.v_img = nn.Linear(dim, dim)
             self.norm_k_img = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, image_tokens: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Context, image_tokens: int = 0) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        image, text = context[:, :image_tokens], context[:, image_tokens:]
+        image, text = context.rows[:, :image_tokens], context.rows[:, image_tokens:]
+        bias = None if context.bias is None else context.bias[image_tokens:]
         k = self.norm_k(self.k(text)).unflatten(-1, heads)
-        out = attention(q, k, self.v(text).unflatten(-1, heads))
+        out = biased_attention(q, k, self.v(text).unflatten(-1, heads), bias)
         if image_tokens:
             k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
             out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
@@ -112,7 +159,7 @@ class DiTBlock(nn.Module):
                                  nn.Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, context: Context,
                 rope: tuple[torch.Tensor, torch.Tensor], image_tokens: int = 0) -> torch.Tensor:
         """``x [B, L, dim]`` float32 residual stream, ``e0 [B, 6, dim]`` float32 time modulation."""
         # The compute dtype is read from a parameter no kernel package swaps (FP8 linears keep others).
@@ -137,7 +184,7 @@ class VaceBlock(DiTBlock):
             self.before_proj = nn.Linear(config.dim, config.dim)
         self.after_proj = nn.Linear(config.dim, config.dim)
 
-    def forward(self, c: torch.Tensor, x: torch.Tensor, e0: torch.Tensor, context: torch.Tensor,
+    def forward(self, c: torch.Tensor, x: torch.Tensor, e0: torch.Tensor, context: Context,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self, "before_proj"):
             c = self.before_proj(c.to(self.modulation.dtype)).float() + x
@@ -192,7 +239,7 @@ class DiTInputs:
     tokens: torch.Tensor                          # [B, L, dim] float32 (reference tokens first)
     e: torch.Tensor                               # [B, dim] time embedding (head)
     e0: torch.Tensor                              # [B, 6, dim] block modulation
-    context: torch.Tensor                         # [B, L_ctx, dim] (image tokens first)
+    context: Context                              # rows [B, L_ctx, dim] (image tokens first), text bias
     rope: tuple[torch.Tensor, torch.Tensor]       # cos, sin [L, 1, head_dim/2]
     image_tokens: int
     grid: tuple[int, int, int]
@@ -242,12 +289,15 @@ class WanDiT(nn.Module):
             e0 = e0 + motion_embedding.float().unflatten(1, (6, self.config.dim))
         return e, e0
 
-    def embed_context(self, context: torch.Tensor, clip_feature: torch.Tensor | None) -> torch.Tensor:
-        """Text tokens, with the CLIP image tokens prepended on image models."""
-        context = self.text_embedding(context.to(self.dtype))
+    def embed_context(self, context: torch.Tensor, clip_feature: torch.Tensor | None) -> Context:
+        """Text tokens (trailing zero padding folded, :func:`fold_padding`), CLIP image tokens first on image models."""
+        text, bias = fold_padding(context.to(self.dtype))
+        rows = self.text_embedding(text)
         if clip_feature is None:
-            return context
-        return torch.cat([self.img_emb(clip_feature.to(self.dtype)), context], dim=1)
+            return Context(rows, bias)
+        image = self.img_emb(clip_feature.to(self.dtype))
+        bias = None if bias is None else F.pad(bias, (image.shape[1], 0))
+        return Context(torch.cat([image, rows], dim=1), bias)
 
     def embed_video(self, x: torch.Tensor, camera: torch.Tensor | None = None,
                     reference_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int, int], int]:
@@ -272,7 +322,7 @@ class WanDiT(nn.Module):
         return self.vace_patch_embedding(vace_context.to(self.dtype)).flatten(2).transpose(1, 2).float()
 
     def vace_hints(self, tokens: torch.Tensor, c: torch.Tensor, e0: torch.Tensor,
-                   context: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+                   context: Context, rope: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
         """One hint per VACE block from the hint stream ``c`` (:meth:`embed_vace`), added after main
         block ``vace_layers[n]``."""
         hints = []
@@ -339,7 +389,8 @@ class WanDiT(nn.Module):
                 **inputs: Any) -> torch.Tensor:
         """Predict the flow velocity for latents ``x [B, C, F, H, W]`` at ``timestep [B]`` (0..1000).
 
-        ``context [B, L, text_dim]`` (padded rows are attended, as in the reference). Keyword inputs:
+        ``context [B, L, text_dim]`` (padded rows are attended, as in the reference; trailing zero
+        rows are folded into one, which gives the same result: :func:`fold_padding`). Keyword inputs:
         ``clip_feature [B, 257*k, clip_dim]`` and ``y`` (concatenated to ``x`` on channels) for image
         models; ``reference_latents [B, 16, 1, H, W]`` (Fun V1.1), ``camera [B, 24, F, 8H, 8W]``
         (Control-Camera), ``vace_context [B, 96, F, H, W]`` with ``vace_scale`` (VACE),
