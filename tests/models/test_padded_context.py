@@ -167,3 +167,10 @@ def test_attention_hook_runs_unless_the_text_attention_has_a_bias(lengths, hooke
     finally:
         wan_models.set_attention_backend(previous)
     assert len(calls) == hooked * TINY_DIT.num_layers
+
+
+def test_half_precision_context_is_not_folded() -> None:
+    context = torch.zeros(1, 512, 8, dtype=torch.bfloat16)
+    context[:, :3] = torch.randn(1, 3, 8).to(torch.bfloat16)
+    rows, bias = dit_module.fold_padding(context)
+    assert bias is None and rows is context

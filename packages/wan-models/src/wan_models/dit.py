@@ -71,8 +71,11 @@ def fold_padding(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
 
     The zero rows all give the same key and value, and softmax attention over ``n`` identical rows
     equals attention over one of them with its logit raised by ``log(n)``. The bias is ``None``
-    (context unchanged) when fewer than two rows would fold.
+    (context unchanged) when fewer than two rows would fold, and in half precision, where SDPA would
+    round ``log(n)`` to the context's dtype (and the saving is small next to GPU self-attention).
     """
+    if context.dtype != torch.float32:
+        return context, None
     total = context.shape[1]
     used = context.ne(0).any(-1).any(0)
     length = int((used * torch.arange(1, total + 1, device=context.device)).max())
