@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per prompt (default 3)")
     parser.add_argument("--background", default="white", choices=list(BACKGROUNDS))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--cfg-scale", type=float, default=3.0,
+                        help="default: the embedded model's (DEFAULT_MODEL_SETTINGS)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)

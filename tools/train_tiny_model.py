@@ -11,7 +11,7 @@ Stages (each one command, seeded; run them all or pick with ``--stages``), every
 6. ``dit``: ``python -m wan_train --use_cached`` full training of the DiT (flow matching).
 7. ``ship``: the last DiT checkpoint in bfloat16 + the other files into the asset folder.
 
-    python tools/train_tiny_model.py /tmp/tiny [--stages data,vae,...] [--dit_epochs 10]
+    python tools/train_tiny_model.py /tmp/tiny [--stages data,vae,...] [--dit_epochs 20]
 
 See ``docs/tiny_model.md`` for the numbers of the shipped run.
 """
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="work folder (dataset, cache, checkpoints; not the repository)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--dit_epochs", type=int, default=10)
+    parser.add_argument("--dit_epochs", type=int, default=20)
     parser.add_argument("--resume", action="store_true", help="dit: continue the last run's state")
     parser.add_argument("--checkpoint", type=Path, default=None, help="ship: this DiT checkpoint (default newest)")
     args = parser.parse_args(argv)

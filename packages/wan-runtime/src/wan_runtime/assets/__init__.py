@@ -15,7 +15,7 @@ __all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_MODEL_SETTINGS", "default_model_dir"]
 DEFAULT_MODEL_NAME = "tiny-shapes"
 
 # Generation settings the tiny-shapes model was trained and checked at (docs/tiny_model.md).
-DEFAULT_MODEL_SETTINGS = {"height": 64, "width": 64, "frames": 17, "steps": 20, "cfg_scale": 5.0}
+DEFAULT_MODEL_SETTINGS = {"height": 64, "width": 64, "frames": 17, "steps": 20, "cfg_scale": 3.0}
 
 
 def default_model_dir() -> Path:
