@@ -26,9 +26,9 @@ import torch._inductor.config
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dit_setup import add_size_flags, random_dit  # noqa: E402
 from timing import sync  # noqa: E402
 
-from wan_models import MODELS, WanDiT  # noqa: E402
 from wan_runtime.compile import compile_blocks  # noqa: E402
 
 
@@ -43,38 +43,20 @@ def timed(fn, device: torch.device) -> tuple[torch.Tensor, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None, help="blocks of the model (default: all)")
-    parser.add_argument("--model", default="Wan2.1-T2V-1.3B")
-    parser.add_argument("--rounds", type=int, default=5)
+    add_size_flags(parser)
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--kernels", action="store_true", help="switch wan_kernels on (attention outside the graph)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    height, width = args.height or (480 if gpu else 256), args.width or (832 if gpu else 256)
-    frames = args.frames or (81 if gpu else 9)
-    config = MODELS[args.model].config
-    if args.layers:
-        config = config.replace(num_layers=args.layers)
-    with torch.device(device):
-        dit = WanDiT(config)
-    gen = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
-    dit = dit.to(dtype).eval()
+    bench = random_dit(args)
+    dit, config, device, dtype, gen, gpu = bench.dit, bench.config, bench.device, bench.dtype, bench.generator, bench.gpu
+    frames, height, width = bench.frames, bench.height, bench.width
     if args.kernels:
         from wan_runtime.acceleration import enable_kernels
 
         enable_kernels(None)
     torch._inductor.config.force_disable_caches = True  # a cold compile, whatever ran before
     compile_blocks(dit, mode=args.mode)
-    shape = (1, config.in_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
-    tokens = shape[2] * shape[3] * shape[4] // 4
+    shape, tokens = bench.latent_shape, bench.tokens
 
     def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.randn(shape, generator=gen, device=device).to(dtype)

@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 from pipeline import step_flops  # noqa: E402
+from dit_setup import add_size_flags, random_dit  # noqa: E402
 from timing import sync  # noqa: E402
 
 import wan_models  # noqa: E402
-from wan_models import MODELS, WanDiT  # noqa: E402
+from wan_models import WanDiT  # noqa: E402
 from wan_models.formats import diffusers as diffusers_format  # noqa: E402
 
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,12 +101,7 @@ def diffsynth_peer(dit: WanDiT, device, dtype) -> Forward | str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--frames", type=int, default=None)
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--model", default="Wan2.1-T2V-1.3B")
-    parser.add_argument("--rounds", type=int, default=5)
+    add_size_flags(parser)
     parser.add_argument("--prompt-tokens", type=int, default=128,
                         help="non-zero context rows; the rest of the 512 are zero, as a pipeline pads the prompt")
     parser.add_argument("--kernels", action="store_true",
@@ -113,21 +109,9 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.prompt_tokens <= 512:
         parser.error(f"--prompt-tokens must be 0..512, got {args.prompt_tokens}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    height, width = args.height or (480 if gpu else 256), args.width or (832 if gpu else 256)
-    frames = args.frames or (81 if gpu else 9)
-    config = MODELS[args.model].config
-    if args.layers:
-        config = config.replace(num_layers=args.layers)
-    with torch.device(device):
-        dit = WanDiT(config)
-    gen = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, device=device) * 0.02)
-    dit = dit.to(dtype).eval()
+    bench = random_dit(args)
+    dit, config, device, dtype, gen, gpu = bench.dit, bench.config, bench.device, bench.dtype, bench.generator, bench.gpu
+    frames, height, width = bench.frames, bench.height, bench.width
     if args.kernels:
         from wan_runtime.acceleration import enable_kernels, optimize_for_cpu
 
@@ -137,8 +121,7 @@ def main() -> None:
     impls: dict[str, Forward | str] = {"ours": ours(dit), "diffusers": diffusers_peer(dit, device, dtype),
                                        "diffsynth": diffsynth_peer(dit, device, dtype)}
     runnable = {k: v for k, v in impls.items() if callable(v)}
-    shape = (1, config.in_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
-    tokens = shape[2] * shape[3] * shape[4] // 4
+    shape, tokens = bench.latent_shape, bench.tokens
     times: dict[str, list[float]] = {k: [] for k in runnable}
     diffs: dict[str, list[float]] = {k: [] for k in runnable}
     with torch.no_grad():
