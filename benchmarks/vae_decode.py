@@ -137,6 +137,16 @@ def child(args) -> None:
     print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "reset": reset}))
 
 
+def decode_flops(fn, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> float:
+    """FLOPs of one decode (torch's counter: convolutions and matmuls), counted on the plain conv path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), counter:
+        fn(torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device, dtype))
+    return float(counter.get_total_flops())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=96, help="VAE base width (released: 96)")
@@ -163,6 +173,7 @@ def main() -> None:
     impls = {(n, t): build(n, sd, config, device, dtype, t, args.tile_size, args.tile_stride)
              for t in modes for n in IMPLS}
     runnable = {k: v for k, v in impls.items() if callable(v)}
+    flops = {t: decode_flops(impls[("ours", t)], latent_shape(args, config), device, dtype) for t in modes}
     times = {k: [] for k in runnable}
     diffs = {k: [] for k in runnable}
     clamped = []
@@ -203,7 +214,7 @@ def main() -> None:
           f"{args.frames}x{args.height}x{args.width} (latents {shape[2:]}); tiles {tuple(args.tile_size)} stride "
           f"{tuple(args.tile_stride)} latent units; median of {args.rounds} interleaved rounds")
     mem_name = "peak alloc MiB" if gpu else "call peak RSS MiB"
-    print(f"{'impl':<11}{'mode':<9}{'ms':>10}{'vs ours':>9}{mem_name:>19}{'max rel diff':>14}")
+    print(f"{'impl':<11}{'mode':<9}{'ms':>10}{'GFLOP/s':>9}{'vs ours':>9}{mem_name:>19}{'max rel diff':>14}")
     for (name, tiled), fn in impls.items():
         mode = "tiled" if tiled else "untiled"
         if not callable(fn):
@@ -213,10 +224,12 @@ def main() -> None:
         base = statistics.median(times[("ours", tiled)]) * 1e3
         m = memory.get((name, tiled))
         mem = f"{(m['peak'] - m['before']) / 2**20:.0f}" if m else "-"
-        print(f"{name:<11}{mode:<9}{ms:>10.0f}{ms / base:>9.2f}{mem:>19}{max(diffs[(name, tiled)]):>14.2e}")
+        rate = flops[tiled] / ms / 1e6
+        print(f"{name:<11}{mode:<9}{ms:>10.0f}{rate:>9.1f}{ms / base:>9.2f}{mem:>19}{max(diffs[(name, tiled)]):>14.2e}")
     if memory and not all(m.get("reset", True) for m in memory.values()):
         print("note: peak RSS could not be reset before the call; the memory column includes set-up")
-    print(f"# share of our untiled video at the [-1, 1] clamp: {max(clamped):.1%}")
+    print(f"# share of our untiled video at the [-1, 1] clamp: {max(clamped):.1%}; GFLOP/s: our decode's "
+          f"convolution FLOPs ({flops[False] / 1e9:.0f} untiled, {flops[True] / 1e9:.0f} tiled) over each time")
     from importlib.metadata import version
 
     versions = [f"{n} {version(n)}" for n in ("diffusers", "diffsynth") if any(callable(impls[(n, t)]) for t in modes)]
