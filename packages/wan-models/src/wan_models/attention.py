@@ -7,6 +7,7 @@ imports them.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -33,12 +34,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """
     if _backend is sdpa_attention:
         return sdpa_attention(q, k, v)
-    return _installed_backend(q, k, v)
-
-
-@torch.compiler.disable
-def _installed_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _outside_graph()(q, k, v)
     return _backend(q, k, v)
+
+
+@functools.cache
+def _outside_graph() -> AttentionFn:
+    """The installed backend behind ``torch.compiler.disable``, made on first use: decorating at import
+    would import torch._dynamo (and with it triton) whenever wan_models is imported."""
+    return torch.compiler.disable(lambda q, k, v: _backend(q, k, v))
 
 
 def set_attention_backend(fn: AttentionFn | None) -> AttentionFn:
