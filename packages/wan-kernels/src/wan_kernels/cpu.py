@@ -4,7 +4,9 @@ On a CPU the DiT's time is ~80% float32 GEMMs that MKL already runs near the cor
 what is left to win is memory traffic around them. :class:`InplaceGeluMLP` applies the FFN's
 GELU in place on the first linear's output, saving one ``[tokens, ffn_dim]`` allocation and pass
 per block (bit-identical). :func:`cpu_ops` gives torch one-kernel versions of the
-``wan_models.ops`` that the reference writes as several passes (within float32 rounding).
+``wan_models.ops`` that the reference writes as several passes (within float32 rounding); under
+``torch.compile`` they trace the reference instead, which inductor fuses itself (and whose real
+arithmetic it can compile, unlike the complex RoPE).
 Neither keeps any extra copy of a weight.
 """
 
@@ -52,20 +54,22 @@ def inplace_gelu_mlps(model: nn.Module) -> list[str]:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """``ops.modulate`` with the shift/scale folded into LayerNorm's affine (one pass) for batch 1."""
-    if shift.shape[0] != 1 or scale.shape[0] != 1:
+    if shift.shape[0] != 1 or scale.shape[0] != 1 or torch.compiler.is_compiling():
         return wan_ops.modulate(x, shift, scale, eps)
     return F.layer_norm(x.float(), x.shape[-1:], (1 + scale).reshape(-1), shift.reshape(-1), eps)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``ops.gated_residual`` as one ``addcmul``."""
+    if torch.compiler.is_compiling():
+        return wan_ops.gated_residual(x, y, gate)
     return torch.addcmul(x, y, gate)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``ops.apply_rope`` as one complex multiply of float32 channel pairs (bit-identical on CPU)."""
     x32 = x.float()
-    if x32.stride(-1) != 1 or any(s % 2 for s in x32.stride()[:-1]) or x32.storage_offset() % 2:
+    if torch.compiler.is_compiling() or x32.stride(-1) != 1 or any(s % 2 for s in x32.stride()[:-1]) or x32.storage_offset() % 2:
         return wan_ops.apply_rope(x, cos, sin)
     rotated = torch.view_as_complex(x32.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
