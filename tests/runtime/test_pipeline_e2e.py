@@ -377,7 +377,10 @@ def test_latents_decode_to_the_same_frames(pipes) -> None:
     pipe = pipes("t2v")
     lat = latents(pipe)
     request = GenerationRequest(height=HEIGHT, width=WIDTH, num_frames=FRAMES)
-    assert np.array_equal(pixels(pipe.decode(lat, request)), pixels(generate(pipe)))
+    decoded, generated = pixels(pipe.decode(lat, request)).astype(int), pixels(generate(pipe)).astype(int)
+    # The latents repeat exactly; oneDNN/MKL float32 convolutions are not bit-reproducible across calls
+    # (buffer alignment), which can flip a rounding boundary: seen once, 1 level in 1 of 23040 values.
+    assert np.abs(decoded - generated).max() <= 1 and (decoded != generated).mean() < 1e-3
 
 
 def test_prompt_embeds_stand_in_for_the_text_encoder(pipes) -> None:

@@ -120,4 +120,6 @@ def test_killed_run_resumes_to_the_same_weights(release: Path, dataset: Path, tm
     killed_at = latest.read_text()
     log.info("killed with %s as the latest resume state", killed_at)
     launch([*command, "--resume"])
-    assert max_difference(reference.checkpoints[-1], output / "epoch-0.safetensors") == 0.0, killed_at
+    # The reference trains in this process, the resumed run in a fresh one: oneDNN/MKL float32 kernels are
+    # not bit-reproducible across processes (buffer alignment); seen once in a full run: 1.6e-7.
+    assert max_difference(reference.checkpoints[-1], output / "epoch-0.safetensors") <= 1e-6, killed_at
