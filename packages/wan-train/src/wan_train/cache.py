@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -61,12 +62,6 @@ def read_inputs(path: Path) -> TrainingInputs:
     return TrainingInputs(tensors["input_latents"], tensors["context"], shared, json.loads(metadata["vace_reference"]))
 
 
-def read_inputs_tensor(path: Path, key: str) -> torch.Tensor:
-    """One tensor of a cache file."""
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor(key)
-
-
 def _sample_path(folder: Path, row: int) -> Path:
     return folder / f"{row:08d}.safetensors"
 
@@ -90,7 +85,7 @@ class CachedDataset(torch.utils.data.Dataset):
             raise TrainingError(f"{self.folder}: cached samples {missing[:5]} are missing; write the cache again")
         self.repeat = repeat
         empty = self.folder / EMPTY_PROMPT
-        self.empty_context = read_inputs_tensor(empty, "context") if empty.is_file() else None
+        self.empty_context = load_file(str(empty))["context"] if empty.is_file() else None
         logger.info("cached dataset: %d samples from %s, each seen %d times per epoch", self.rows, self.folder, repeat)
 
     def check_model(self, dit: WanDiT) -> None:
