@@ -140,14 +140,14 @@ def run_grid(args: argparse.Namespace) -> list[dict]:
     grid = list(itertools.product(colors, shapes, directions))
     print(f"model {args.model}: {len(colors)} colours x {len(shapes)} shapes x {len(directions)} directions "
           f"on {args.background}, seeds 0..{args.seeds - 1} ({len(grid) * args.seeds} clips, "
-          f"{args.width}x{args.height}x{args.frames}, {args.steps} steps, cfg {args.cfg_scale})")
+          f"{args.width}x{args.height}x{args.frames}, {args.steps} steps, cfg {args.cfg_scale}, shift {args.shift})")
     results = []
     start = time.perf_counter()
     for (color, shape, direction), seed in itertools.product(grid, range(args.seeds)):
         prompt = prompt_for(shape, color, direction, args.background)
         frames = pipe(prompt=prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                       num_frames=args.frames, num_inference_steps=args.steps, cfg_scale=args.cfg_scale,
-                      seed=seed, progress_bar_cmd=lambda steps: steps)
+                      sigma_shift=args.shift, seed=seed, progress_bar_cmd=lambda steps: steps)
         row = {"prompt": prompt, "seed": seed, "color": color, "shape": shape, "direction": direction}
         results.append(measured(row, frames))
         if args.save is not None:
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg-scale", type=float, default=3.0,
                         help="default: the embedded model's (DEFAULT_MODEL_SETTINGS)")
+    parser.add_argument("--shift", type=float, default=5.0, help="sigma shift of the sampler (default 5)")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--empty_prompt_ratio", type=float, default=0.0,
                       help="Fraction of steps (drawn per sample from the seed) trained on the empty prompt's context "
                            "instead of the sample's, so that classifier-free guidance has an unconditional model.")
+    ours.add_argument("--foreground_weight", type=float, default=1.0,
+                      help="Loss weight of the latent cells covering the clip's foreground (pixels far from its "
+                           "median colour) against 1 for the rest: small objects on plain backgrounds otherwise "
+                           "count for little next to the background.")
     ours.add_argument("--cache_latents", type=str, default=None, metavar="DIR",
                       help="Encode the dataset once (video latents, text context, conditioning) into DIR and exit; "
                            "train on it with --use_cached DIR.")
@@ -172,6 +176,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if not 0.0 <= args.empty_prompt_ratio < 1.0:
         raise TrainingError(f"--empty_prompt_ratio must be in [0, 1), got {args.empty_prompt_ratio}")
+    if not args.foreground_weight > 0:
+        raise TrainingError(f"--foreground_weight must be > 0, got {args.foreground_weight}")
     low, high = args.min_timestep_boundary, args.max_timestep_boundary
     if not (0.0 <= low < high <= 1.0) or int(low * 1000) >= int(high * 1000):
         raise TrainingError(f"need 0 <= --min_timestep_boundary < --max_timestep_boundary <= 1 (at least one of the "

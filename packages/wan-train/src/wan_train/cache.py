@@ -43,6 +43,8 @@ SHARED = "shared."
 def write_inputs(inputs: TrainingInputs, path: Path) -> None:
     """One sample's inputs as safetensors; numbers (``vace_scale``) and flags go to the metadata."""
     tensors = {"input_latents": inputs.input_latents, "context": inputs.context}
+    if inputs.foreground is not None:
+        tensors["foreground"] = inputs.foreground
     scalars = {}
     for key, value in inputs.shared.items():
         if isinstance(value, torch.Tensor):
@@ -59,7 +61,8 @@ def read_inputs(path: Path) -> TrainingInputs:
         metadata = f.metadata()
     shared: dict[str, Any] = json.loads(metadata["scalars"])
     shared.update({key[len(SHARED):]: value for key, value in tensors.items() if key.startswith(SHARED)})
-    return TrainingInputs(tensors["input_latents"], tensors["context"], shared, json.loads(metadata["vace_reference"]))
+    return TrainingInputs(tensors["input_latents"], tensors["context"], shared, json.loads(metadata["vace_reference"]),
+                          tensors.get("foreground"))
 
 
 def _sample_path(folder: Path, row: int) -> Path:

@@ -38,6 +38,7 @@ from wan_runtime.units.image import video_pixels
 from wan_runtime.units.vace import reference_pixels
 
 from .args import DTYPES, IMAGE_INPUTS, TrainingError, model_configs, split_list
+from .foreground import foreground_mask, latent_foreground
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,20 @@ class TrainingInputs:
     ``shared`` holds the DiT keyword inputs (``y``, ``clip_feature``, ``reference_latents``,
     ``camera``, ``vace_context``, ``vace_scale``, ``motion_embedding``); ``vace_reference`` says that
     ``input_latents`` lead with a VACE reference frame (the noise's last frame moves to the front).
+    ``foreground`` (``[B, 1, T', H', W']``, 0/1) marks the latent cells of the video's foreground.
     """
 
     input_latents: torch.Tensor
     context: torch.Tensor
     shared: dict[str, Any] = field(default_factory=dict)
     vace_reference: bool = False
+    foreground: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainingInputs":
         """A copy with every tensor on ``device`` (accelerate's DataLoader calls this)."""
         move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return replace(self, input_latents=move(self.input_latents), context=move(self.context),
-                       shared={k: move(v) for k, v in self.shared.items()})
+                       shared={k: move(v) for k, v in self.shared.items()}, foreground=move(self.foreground))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -143,6 +146,7 @@ class WanTrainingModule(nn.Module):
     Timesteps are drawn from the schedule indices in ``[min, max) * 1000`` of the boundaries.
     ``empty_prompt_ratio`` of the samples (drawn from each sample's seed) see ``empty_context``, the
     empty prompt's context, instead of their own: the unconditional model classifier-free guidance needs.
+    ``foreground_weight`` scales the loss on the latent cells of the video's foreground (1: plain mse).
     """
 
     def __init__(self, pipeline: WanVideoPipeline, trainable_models: Sequence[str] = (),
@@ -150,7 +154,7 @@ class WanTrainingModule(nn.Module):
                  lora_rank: int = 32, use_gradient_checkpointing: bool = True,
                  use_gradient_checkpointing_offload: bool = False, extra_inputs: Sequence[str] = (),
                  max_timestep_boundary: float = 1.0, min_timestep_boundary: float = 0.0,
-                 empty_prompt_ratio: float = 0.0) -> None:
+                 empty_prompt_ratio: float = 0.0, foreground_weight: float = 1.0) -> None:
         super().__init__()
         self.pipeline = pipeline  # a plain object: its networks are not registered here
         self.extra_inputs = list(extra_inputs)
@@ -162,6 +166,7 @@ class WanTrainingModule(nn.Module):
         self.scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS, training=True)
         self.lora_config: LoraConfig | None = None
         self.empty_prompt_ratio = empty_prompt_ratio
+        self.foreground_weight = foreground_weight
         self.empty_context: torch.Tensor | None = None  # set by the caller when the pipeline has no prompter
         if empty_prompt_ratio and pipeline.prompter is not None:
             self.empty_context = empty_prompt_context(pipeline)
@@ -188,7 +193,8 @@ class WanTrainingModule(nn.Module):
                    lora_rank=args.lora_rank, use_gradient_checkpointing=not args.no_gradient_checkpointing,
                    use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
                    extra_inputs=split_list(args.extra_inputs), max_timestep_boundary=args.max_timestep_boundary,
-                   min_timestep_boundary=args.min_timestep_boundary, empty_prompt_ratio=args.empty_prompt_ratio)
+                   min_timestep_boundary=args.min_timestep_boundary, empty_prompt_ratio=args.empty_prompt_ratio,
+                   foreground_weight=args.foreground_weight)
 
     # -- what is trained ----------------------------------------------------------------------------
 
@@ -296,12 +302,15 @@ class WanTrainingModule(nn.Module):
             for unit in pipe.units:
                 unit(pipe, request, cond)
         with torch.no_grad():
-            latents = pipe.encode_video(video_pixels(pipe, request, sample["video"], "video"), request)
+            video = video_pixels(pipe, request, sample["video"], "video")
+            latents = pipe.encode_video(video, request)
+            foreground = latent_foreground(foreground_mask(video), tuple(latents.shape[2:]))
             if request.vace_reference_image is not None:
                 reference = pipe.encode_video(reference_pixels(pipe, request), request)
                 latents = torch.cat([reference, latents], dim=2)
+                foreground = torch.cat([torch.zeros_like(foreground[:, :, :1]), foreground], dim=2)
         return TrainingInputs(latents, cond.positive["context"], dict(cond.shared),
-                              request.vace_reference_image is not None)
+                              request.vace_reference_image is not None, foreground)
 
     def loss(self, inputs: TrainingInputs, seed: int) -> torch.Tensor:
         """``mse(dit(add_noise(x0, noise, t)), noise - x0) * weight(t)`` with noise and ``t`` drawn from ``seed``."""
@@ -321,7 +330,13 @@ class WanTrainingModule(nn.Module):
             context = self.empty_context.to(device=context.device, dtype=context.dtype)
         prediction = self.predict(noisy, timestep, context, inputs.shared)
         weight = self.scheduler.training_weight(timestep).to(x0.device)
-        return F.mse_loss(prediction.float(), target.float()) * weight
+        if self.foreground_weight == 1.0:
+            return F.mse_loss(prediction.float(), target.float()) * weight
+        if inputs.foreground is None:
+            raise TrainingError("--foreground_weight needs the foreground of each sample: train on the videos, "
+                                "or on a cache written by this version (--cache_latents)")
+        cells = 1.0 + (self.foreground_weight - 1.0) * inputs.foreground.float()
+        return (cells * (prediction.float() - target.float()).square()).mean() * weight
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 shared: dict[str, Any]) -> torch.Tensor:

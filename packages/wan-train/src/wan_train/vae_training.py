@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from wan_models.vae import VAEConfig, WanVAE
 
+from .foreground import foreground_mask
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["VAETrainConfig", "foreground_weight", "identity_init", "load_clips", "normalise_latents", "save_vae", "to_video", "train_vae", "vae_loss",
@@ -74,12 +76,9 @@ def to_video(clips: torch.Tensor) -> torch.Tensor:
 
 
 def foreground_weight(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
-    """Per-pixel loss weights ``[B, 1, T, H, W]``: 1, or ``fg_weight`` where a pixel is far from its clip's
-    median colour (the background of mostly-background clips): small objects then count as much as the
-    background, which a VAE otherwise learns first and alone."""
-    median = video.flatten(2).median(dim=2).values.view(video.shape[0], 3, 1, 1, 1)
-    far = (video - median).abs().amax(dim=1, keepdim=True) > 0.25
-    return 1.0 + (fg_weight - 1.0) * far.to(video.dtype)
+    """Per-pixel loss weights ``[B, 1, T, H, W]``: 1, or ``fg_weight`` on the clip's foreground
+    (:func:`~wan_train.foreground.foreground_mask`): small objects then count as much as the background."""
+    return 1.0 + (fg_weight - 1.0) * foreground_mask(video).to(video.dtype)
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
