@@ -76,6 +76,8 @@ def test_model_paths_shards() -> None:
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1"),
     (["--empty_prompt_ratio", "1.0"], "--empty_prompt_ratio must be in [0, 1)"),
     (["--foreground_weight", "0"], "--foreground_weight must be > 0, got 0.0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--batch_size", "4"], "--batch_size 4 stacks samples of one size: set --height and --width"),
 ])
 def test_bad_flags(flags: list[str], message: str) -> None:
     argv = BASE + flags

@@ -67,13 +67,13 @@ def test_foreground_weight_scales_the_loss_of_foreground_cells_only(release: Pat
     foreground = torch.zeros(1, 1, 2, 4, 6)
     foreground[..., 1, 2:4, 0:3] = 1.0
     with torch.no_grad():
-        plain = module.loss(_inputs(foreground), seed=5)
+        plain = module.loss(_inputs(foreground), 5)
         module.foreground_weight = 4.0
-        weighted = module.loss(_inputs(foreground), seed=5)
-        none_set = module.loss(_inputs(torch.zeros_like(foreground)), seed=5)
-        all_set = module.loss(_inputs(torch.ones_like(foreground)), seed=5)
+        weighted = module.loss(_inputs(foreground), 5)
+        none_set = module.loss(_inputs(torch.zeros_like(foreground)), 5)
+        all_set = module.loss(_inputs(torch.ones_like(foreground)), 5)
         with pytest.raises(TrainingError, match="--foreground_weight needs the foreground"):
-            module.loss(_inputs(None), seed=5)
+            module.loss(_inputs(None), 5)
     assert all(torch.equal(p, predictions[0]) for p in predictions)
     torch.testing.assert_close(none_set, plain)
     torch.testing.assert_close(all_set, 4 * plain)

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--empty_prompt_ratio", type=float, default=0.0,
                       help="Fraction of steps (drawn per sample from the seed) trained on the empty prompt's context "
                            "instead of the sample's, so that classifier-free guidance has an unconditional model.")
+    ours.add_argument("--batch_size", type=int, default=1,
+                      help="Samples per micro-batch per process, run as one DiT call (the seed: 1). Each keeps its "
+                           "own noise and timestep, so the loss is the mean of the samples' losses. Needs samples "
+                           "of one size: --height/--width, or --use_cached.")
     ours.add_argument("--foreground_weight", type=float, default=1.0,
                       help="Loss weight of the latent cells covering the clip's foreground (pixels far from its "
                            "median colour) against 1 for the rest: small objects on plain backgrounds otherwise "
@@ -160,7 +164,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 def check_args(args: argparse.Namespace) -> None:
     """Every flag on its own and in combination; raises :class:`TrainingError` naming the flag."""
     _positive(args, "num_frames", "max_pixels", "dataset_repeat", "num_epochs", "lora_rank",
-              "gradient_accumulation_steps", "save_steps")
+              "gradient_accumulation_steps", "save_steps", "batch_size")
     if args.dataset_num_workers < 0:
         raise TrainingError(f"--dataset_num_workers must be >= 0, got {args.dataset_num_workers}")
     if (args.height is None) != (args.width is None):
@@ -170,6 +174,9 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and (value < 16 or value % 16):
             raise TrainingError(f"--{name} must be a positive multiple of 16 (VAE factor 8 x patch 2), got {value}")
+    if args.batch_size > 1 and args.height is None and not args.use_cached:
+        raise TrainingError(f"--batch_size {args.batch_size} stacks samples of one size: set --height and --width "
+                            "(dynamic resolution gives every video its own size), or train on --use_cached")
     if args.num_frames % 4 != 1:
         raise TrainingError(f"--num_frames must be of the form 4k+1 (1, 5, ..., 81), got {args.num_frames}")
     if not args.learning_rate > 0:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -75,6 +74,35 @@ class TrainingInputs:
         move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
         return replace(self, input_latents=move(self.input_latents), context=move(self.context),
                        shared={k: move(v) for k, v in self.shared.items()}, foreground=move(self.foreground))
+
+    @classmethod
+    def stack(cls, items: Sequence["TrainingInputs"]) -> "TrainingInputs":
+        """One batch of several samples' inputs: tensors joined along the batch axis; numbers and flags
+        must agree (a batch runs as one DiT call)."""
+        first = items[0]
+        if len(items) == 1:
+            return first
+        shapes = {tuple(item.input_latents.shape[1:]) for item in items}
+        if len(shapes) > 1:
+            raise TrainingError(f"a batch needs samples of one size, got latents of shapes {sorted(shapes)}: "
+                                "set --height/--width (and --num_frames) or use --batch_size 1")
+        for name, values in (("vace_reference", [item.vace_reference for item in items]),
+                             ("shared inputs", [sorted(item.shared) for item in items]),
+                             ("foreground", [item.foreground is None for item in items])):
+            if any(value != values[0] for value in values):
+                raise TrainingError(f"the samples of a batch differ in their {name}: {values}")
+        shared: dict[str, Any] = {}
+        for key, value in first.shared.items():
+            values = [item.shared[key] for item in items]
+            if isinstance(value, torch.Tensor):
+                shared[key] = torch.cat(values)
+            elif any(v != value for v in values):
+                raise TrainingError(f"the samples of a batch differ in {key}: {values}")
+            else:
+                shared[key] = value
+        foreground = None if first.foreground is None else torch.cat([item.foreground for item in items])
+        return cls(torch.cat([item.input_latents for item in items]), torch.cat([item.context for item in items]),
+                   shared, first.vace_reference, foreground)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -138,7 +166,7 @@ def empty_prompt_context(pipeline: WanVideoPipeline) -> torch.Tensor:
 
 
 class WanTrainingModule(nn.Module):
-    """The seed's ``WanTrainingModule``: ``module(sample) -> loss`` for one sample of the dataset.
+    """The seed's ``WanTrainingModule``: ``module(sample) -> loss`` for one sample of the dataset (or a batch).
 
     ``trainable_models`` are fine-tuned in full; ``lora_base_model`` gets peft LoRA layers of rank
     ``lora_rank`` (alpha = rank) on ``lora_target_modules``. ``extra_inputs`` name the request
@@ -271,11 +299,13 @@ class WanTrainingModule(nn.Module):
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def forward(self, sample: dict[str, Any]) -> torch.Tensor:
-        """The loss of one sample: a dataset sample (or cached inputs) with its ``sample_seed``."""
-        inputs = sample.get("cached")
-        inputs = self.prepare_inputs(sample) if inputs is None else inputs.to(self.pipeline.device)
-        return self.loss(inputs, sample["sample_seed"])
+    def forward(self, samples: dict[str, Any] | Sequence[dict[str, Any]]) -> torch.Tensor:
+        """The mean loss of a sample or a batch of them: dataset samples (or cached inputs), each with its
+        ``sample_seed``; a batch is one DiT call, and its loss the mean of the samples' own losses."""
+        samples = [samples] if isinstance(samples, dict) else list(samples)
+        parts = [self.prepare_inputs(s) if s.get("cached") is None else s["cached"] for s in samples]
+        inputs = TrainingInputs.stack(parts).to(self.pipeline.device)
+        return self.loss(inputs, [s["sample_seed"] for s in samples])
 
     def request(self, sample: dict[str, Any]) -> GenerationRequest:
         """The generation request the units read: the video's size, the prompt, no CFG, untiled VAE."""
@@ -312,31 +342,42 @@ class WanTrainingModule(nn.Module):
         return TrainingInputs(latents, cond.positive["context"], dict(cond.shared),
                               request.vace_reference_image is not None, foreground)
 
-    def loss(self, inputs: TrainingInputs, seed: int) -> torch.Tensor:
-        """``mse(dit(add_noise(x0, noise, t)), noise - x0) * weight(t)`` with noise and ``t`` drawn from ``seed``."""
+    def loss(self, inputs: TrainingInputs, seeds: int | Sequence[int]) -> torch.Tensor:
+        """``mse(dit(add_noise(x0, noise, t)), noise - x0) * weight(t)``, noise and ``t`` drawn from each
+        sample's seed (one seed per batch item), averaged over the batch."""
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         x0 = inputs.input_latents
+        if len(seeds) != x0.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {x0.shape[0]} samples")
+        noisy, timesteps, targets, contexts, weights = zip(*(
+            self._draw(x0[i:i + 1], inputs.context[i:i + 1], inputs.vace_reference, seed)
+            for i, seed in enumerate(seeds)))
+        prediction = self.predict(torch.cat(noisy), torch.cat(timesteps), torch.cat(contexts), inputs.shared)
+        error = (prediction.float() - torch.cat(targets).float()).square()
+        if self.foreground_weight != 1.0:
+            if inputs.foreground is None:
+                raise TrainingError("--foreground_weight needs the foreground of each sample: train on the videos, "
+                                    "or on a cache written by this version (--cache_latents)")
+            error = error * (1.0 + (self.foreground_weight - 1.0) * inputs.foreground.float())
+        return (error.flatten(1).mean(1) * torch.stack(weights).to(error.device)).mean()
+
+    def _draw(self, x0: torch.Tensor, context: torch.Tensor, vace_reference: bool,
+              seed: int) -> tuple[torch.Tensor, ...]:
+        """One sample's noised latents, timestep ``[1]``, target, context (maybe the empty prompt's) and
+        loss weight, all drawn from ``seed``."""
         generator = torch.Generator().manual_seed(seed)
-        noise = training_noise(x0.shape, generator, inputs.vace_reference, x0.dtype, x0.device)
+        noise = training_noise(x0.shape, generator, vace_reference, x0.dtype, x0.device)
         index = torch.randint(*self.timestep_range, (1,), generator=generator)
         # As the seed: the timestep is cast to the pipeline dtype (bf16 rounds it) before use.
         timestep = self.scheduler.timesteps[index].to(dtype=self.pipeline.torch_dtype, device=x0.device)
         noisy = self.scheduler.add_noise(x0, noise, timestep)
         target = self.scheduler.training_target(x0, noise, timestep)
-        context = inputs.context
         if self.empty_prompt_ratio and torch.rand((), generator=generator) < self.empty_prompt_ratio:
             if self.empty_context is None:
                 raise TrainingError("--empty_prompt_ratio needs the empty prompt's context: load the text encoder, "
                                     "or train on a cache written by this version (--cache_latents)")
             context = self.empty_context.to(device=context.device, dtype=context.dtype)
-        prediction = self.predict(noisy, timestep, context, inputs.shared)
-        weight = self.scheduler.training_weight(timestep).to(x0.device)
-        if self.foreground_weight == 1.0:
-            return F.mse_loss(prediction.float(), target.float()) * weight
-        if inputs.foreground is None:
-            raise TrainingError("--foreground_weight needs the foreground of each sample: train on the videos, "
-                                "or on a cache written by this version (--cache_latents)")
-        cells = 1.0 + (self.foreground_weight - 1.0) * inputs.foreground.float()
-        return (cells * (prediction.float() - target.float()).square()).mean() * weight
+        return noisy, timestep, target, context, self.scheduler.training_weight(timestep)
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 shared: dict[str, Any]) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 As the seed: AdamW over the trainable weights at the rate of torch's ``ConstantLR`` with its defaults
 (the first five optimizer steps at a third of ``--learning_rate``, then the full rate; set by hand
-here, which also reaches DeepSpeed's optimizer), one sample per process per micro-batch,
-``--gradient_accumulation_steps`` micro-batches per optimizer step, and ``epoch-N.safetensors`` (the
+here, which also reaches DeepSpeed's optimizer), one sample per process per micro-batch (``--batch_size``
+stacks more into one DiT call), ``--gradient_accumulation_steps`` micro-batches per optimizer step, and
+``epoch-N.safetensors`` (the
 trainable weights, ``--remove_prefix_in_ckpt`` stripped) after every epoch. Beyond the seed:
 ``step-N.safetensors`` and a resume state every ``--save_steps`` steps, ``--resume``, a JSON-lines
 log of the loss, and a sample order, noise and timesteps that depend only on ``--seed`` (see
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from .args import TrainingError, split_list
 from .cache import CachedDataset
 from .configs import deepspeed_config
-from .dataset import VideoDataset, first_item, video_dataset
+from .dataset import VideoDataset, video_dataset
 from .module import WanTrainingModule, load_pipeline, sample_seed
 from .state import Progress, find_state, load_state, save_state, save_weights
 
@@ -161,7 +162,7 @@ def train(args: argparse.Namespace,
 
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=args.learning_rate)
     sampler = EpochSampler(len(dataset), args.seed)
-    loader = DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=first_item,
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=list,
                         num_workers=args.dataset_num_workers)
     model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
 
@@ -178,13 +179,14 @@ def train(args: argparse.Namespace,
         loader.set_epoch(epoch)  # accelerate's loader passes its epoch to the sampler on every pass
         batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
         losses: list[torch.Tensor] = []
-        for sample in batches:
-            sample["sample_seed"] = sample_seed(args.seed, epoch, sample["index"])
+        for batch in batches:
+            for sample in batch:
+                sample["sample_seed"] = sample_seed(args.seed, epoch, sample["index"])
             lr = learning_rate(args.learning_rate, progress.step)
             for group in optimizer.param_groups:  # before backward: DeepSpeed steps inside it
                 group["lr"] = lr
             with accelerator.accumulate(model):
-                loss = model(sample)
+                loss = model(batch)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
