@@ -43,7 +43,7 @@ T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_la
 DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
 DIT_LR = 5e-4
 DIT_EMPTY_PROMPT = 0.1  # unconditional samples, for classifier-free guidance
-DIT_CLIPS = 1000
+DIT_CLIPS = 2000
 
 
 def run(*command: str) -> None:

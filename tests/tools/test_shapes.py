@@ -97,6 +97,20 @@ def test_shape_stays_inside_and_moves_at_constant_speed():
         assert (np.abs(steps[0]).sum() == 0) == (spec.direction == "still")
 
 
+def test_paths_are_centred_near_the_middle_of_the_frame():
+    """A prompt implies roughly where its shape is: the path's midpoint lies within the placement
+    jitter of the frame centre, and a shape moving left starts right of the centre (and so on)."""
+    jitter = 0.08 * 64
+    for spec in sample_specs(200, seed=6):
+        middle = np.array(spec.centre((spec.frames - 1) / 2))
+        assert (np.abs(middle - 32) <= jitter + 1e-9).all(), (spec, middle)
+        start = spec.centre(0)
+        if spec.direction in ("left", "right"):
+            assert (start[0] > 32) == (spec.direction == "left")
+        if spec.direction in ("up", "down"):
+            assert (start[1] > 32) == (spec.direction == "up")
+
+
 def test_measure_reads_dataset_clips(clips):
     rates = hit_rates((spec, measure_clip(frames)) for spec, frames in clips)
     assert rates["color"] >= 0.95 and rates["direction"] >= 0.95, rates

@@ -26,6 +26,7 @@ METADATA_COLUMNS = ("video", "prompt", "shape", "color", "direction", "backgroun
 EXTENT_RANGE = (0.25, 0.40)   # shape box side, fraction of the frame
 TRAVEL_RANGE = (0.25, 0.45)   # distance covered over the clip, fraction of the frame
 MARGIN = 0.03                 # minimum gap between the shape and the frame edge, fraction of the frame
+PLACEMENT_JITTER = 0.08       # the path's midpoint lies this close to the frame centre, fraction of the frame
 COLOR_JITTER = 10             # +- per channel around the named colour
 FPS = 16                      # Wan 2.1's frame rate
 QUALITY = 9                   # save_video quality: crf 5, visually lossless
@@ -33,7 +34,9 @@ QUALITY = 9                   # save_video quality: crf 5, visually lossless
 
 def sample_spec(rng: np.random.Generator, frames: int = 17, size: int = 64,
                 backgrounds: Sequence[str] = tuple(BACKGROUNDS)) -> ClipSpec:
-    """One random clip: words uniform, shape inside the frame (with a margin) in every frame."""
+    """One random clip: words uniform, shape inside the frame (with a margin) in every frame, its path
+    centred near the middle of the frame (so a prompt implies roughly where the shape is and goes: a
+    tiny model learns colour and motion from a few thousand clips, not a uniform spread of places)."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
@@ -44,9 +47,11 @@ def sample_spec(rng: np.random.Generator, frames: int = 17, size: int = 64,
     travel = 0.0 if direction == "still" else min(float(rng.uniform(*TRAVEL_RANGE)) * size, high - low)
     step = motion_step(direction, travel, frames)
     start = []
-    for move in step:  # x then y: leave room for the whole path along the motion
-        lo, hi = (low, high - travel) if move > 0 else (low + travel, high) if move < 0 else (low, high)
-        start.append(float(rng.uniform(lo, hi)))
+    for move in step:  # x then y: the midpoint near the centre, the whole path inside [low, high]
+        span = abs(move) * (frames - 1)
+        middle = size / 2 + float(rng.uniform(-PLACEMENT_JITTER, PLACEMENT_JITTER)) * size
+        middle = min(max(middle, low + span / 2), high - span / 2)
+        start.append(middle - move * (frames - 1) / 2)
     jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, 3)
     rgb = tuple(int(v) for v in np.clip(np.add(COLORS[color], jitter), 0, 255))
     return ClipSpec(shape=shape, color=color, direction=direction, background=ground, rgb=rgb, extent=extent,

@@ -36,8 +36,8 @@ from .foreground import foreground_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VAETrainConfig", "foreground_weight", "identity_init", "load_clips", "normalise_latents", "save_vae", "to_video", "train_vae", "vae_loss",
-           "main"]
+__all__ = ["VAETrainConfig", "foreground_weight", "identity_init", "load_clips", "main", "normalise_latents",
+           "save_vae", "still_spread", "to_video", "train_vae", "vae_loss"]
 
 
 @dataclass
@@ -52,6 +52,7 @@ class VAETrainConfig:
     fg_weight: float = 1.0      # loss weight of pixels far from the clip's median colour
     first_frame_weight: float = 1.0  # loss weight of frame 0 (the causal VAE's one-frame first chunk)
     crop: int | None = None     # train on random square crops of this side (convolutions are size-agnostic)
+    still_weight: float = 0.0   # weight of the latent frames' spread on still clips (see still_spread)
     seed: int = 0
     log_every: int = 50
 
@@ -81,11 +82,26 @@ def foreground_weight(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
     return 1.0 + (fg_weight - 1.0) * foreground_mask(video).to(video.dtype)
 
 
+def still_spread(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """How much the latent frames of a still clip differ, relative to the latents' variance.
+
+    One random frame of ``video`` is repeated over its length and encoded. The causal VAE codes
+    frame 0 alone, and unless told otherwise gives it a latent unlike the later frames of the same
+    still picture; a DiT, which has only relative (RoPE) positions, then cannot tell what frame 0
+    should look like. Penalising the spread makes frame 0 speak the later frames' language.
+    """
+    index = int(torch.randint(video.shape[2], (1,), generator=generator))
+    still = video[:, :, index:index + 1].expand(-1, -1, video.shape[2], -1, -1)
+    z = vae.encode(still, normalize=True)
+    return (z - z.mean(dim=2, keepdim=True)).square().mean() / z.detach().var()
+
+
 def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
              generator: torch.Generator | None = None, fg_weight: float = 1.0,
-             first_frame_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+             first_frame_weight: float = 1.0, still_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted reconstruction (L1 + MSE, see :func:`foreground_weight`; frame 0 scaled by
-    ``first_frame_weight``) of ``video`` through noisy normalised latents, plus the latent penalty."""
+    ``first_frame_weight``) of ``video`` through noisy normalised latents, plus the latent penalty
+    and ``still_weight`` times :func:`still_spread`."""
     z = vae.encode(video, normalize=True)
     scale = latent_noise * z.detach().std()  # relative: a fixed signal-to-noise ratio at any latent scale
     noisy = z + scale * torch.randn(z.shape, generator=generator, dtype=z.dtype)
@@ -97,7 +113,12 @@ def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: f
     mse = (weight * (recon - video).square()).mean()
     prior = z.pow(2).mean()
     loss = l1 + mse + kl_weight * prior
-    return loss, {"loss": loss.item(), "l1": l1.item(), "mse": mse.item(), "z_rms": prior.sqrt().item()}
+    metrics = {"l1": l1.item(), "mse": mse.item(), "z_rms": prior.sqrt().item()}
+    if still_weight:
+        spread = still_spread(vae, video, generator)
+        loss = loss + still_weight * spread
+        metrics["still_spread"] = spread.item()
+    return loss, {"loss": loss.item(), **metrics}
 
 
 def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
@@ -124,7 +145,7 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
             top, left = torch.randint(0, min(batch.shape[-2:]) - config.crop + 1, (2,), generator=gen).tolist()
             batch = batch[..., top:top + config.crop, left:left + config.crop]
         loss, metrics = vae_loss(vae, to_video(batch), config.latent_noise, config.kl_weight, gen,
-                                 config.fg_weight, config.first_frame_weight)
+                                 config.fg_weight, config.first_frame_weight, config.still_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -133,8 +154,8 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
         if step % config.log_every == 0 or step == config.steps:
             metrics["step"] = step
             history.append(metrics)
-            logger.info("step %d/%d loss %.4f l1 %.4f mse %.4f z_rms %.2f (%.0f s)", step, config.steps,
-                        metrics["loss"], metrics["l1"], metrics["mse"], metrics["z_rms"],
+            logger.info("step %d/%d %s (%.0f s)", step, config.steps,
+                        " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"),
                         time.perf_counter() - start)
         if output is not None and save_every and step % save_every == 0:
             save_vae(vae, output)
@@ -213,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--first_frame_weight", type=float, default=1.0,
                         help="loss weight of frame 0, which the causal VAE codes alone")
     parser.add_argument("--crop", type=int, default=None, help="train on random square crops of this side")
+    parser.add_argument("--still_weight", type=float, default=0.0,
+                        help="weight of the spread of a still clip's latent frames (frame 0 coded like the rest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_steps", type=int, default=200)
     parser.add_argument("--resume", type=Path, default=None, help="start from these VAE weights")
@@ -230,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 time.perf_counter() - start, args.dim, sum(p.numel() for p in vae.parameters()) / 1e6)
     config = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                             latent_noise=args.latent_noise, kl_weight=args.kl_weight, fg_weight=args.fg_weight,
-                            first_frame_weight=args.first_frame_weight, crop=args.crop, seed=args.seed)
+                            first_frame_weight=args.first_frame_weight, crop=args.crop,
+                            still_weight=args.still_weight, seed=args.seed)
     train_vae(vae, clips, config, args.output, args.save_steps)
     m, s = normalise_latents(vae, clips[:256])
     logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
