@@ -38,11 +38,12 @@ logger = logging.getLogger("train_tiny_model")
 ASSET = REPO / "packages/wan-runtime/src/wan_runtime/assets/tiny-shapes"
 STAGES = ("data", "vae", "init", "check_vae", "cache", "dit", "ship")
 CLIPS, SEED, FRAMES, SIZE = 3000, 0, 17, 64
-VAE_DIM, VAE_STEPS = 8, (1500, 1000)
+VAE_DIM, VAE_STEPS = 8, (1500, 1000, 400)
 T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
-DIT_LR = 5e-4
+DIT_LR, DIT_BATCH = 1e-3, 16
 DIT_EMPTY_PROMPT = 0.1  # unconditional samples, for classifier-free guidance
+DIT_FOREGROUND_WEIGHT = 5.0  # the moving shape's latent cells count 5x in the flow-matching loss
 DIT_CLIPS = 2000
 
 
@@ -60,16 +61,20 @@ def stage_data(work: Path) -> None:
 
 def stage_vae(work: Path) -> None:
     """Train the VAE (identity-initialised blocks, object pixels weighted x10) on random 32x32 crops in
-    two phases: 9-frame clips from scratch, then whole 17-frame clips with frame 0 (coded alone by the
-    causal VAE) weighted x4. Later chunks only learn a stable causal state from clips that long."""
+    three phases: 9-frame clips from scratch; whole 17-frame clips with frame 0 (coded alone by the
+    causal VAE) weighted x4 (later chunks only learn a stable causal state from clips that long); then
+    the same with ``--still_weight``, so that frame 0 of a still picture gets the later frames' latent."""
     common = ["--dataset_base_path", str(work / "data"), "--dataset_metadata_path", str(work / "data/metadata.csv"),
-              "--max_clips", "1500", "--dim", str(VAE_DIM), "--batch_size", "4", "--learning_rate", "1e-3",
+              "--max_clips", "1500", "--dim", str(VAE_DIM), "--batch_size", "4",
               "--crop", "32", "--save_steps", "100", "--fg_weight", "10"]
-    first = work / "vae/phase1.pth"
-    run(sys.executable, "-m", "wan_train.vae", *common, "--seed", str(SEED), "--num_frames", "9",
-        "--steps", str(VAE_STEPS[0]), "--output", str(first))
-    run(sys.executable, "-m", "wan_train.vae", *common, "--seed", str(SEED + 1), "--num_frames", str(FRAMES),
-        "--first_frame_weight", "4", "--steps", str(VAE_STEPS[1]), "--resume", str(first),
+    vae = [sys.executable, "-m", "wan_train.vae", *common]
+    first, second = work / "vae/phase1.pth", work / "vae/phase2.pth"
+    run(*vae, "--learning_rate", "1e-3", "--seed", str(SEED), "--num_frames", "9", "--steps", str(VAE_STEPS[0]),
+        "--output", str(first))
+    run(*vae, "--learning_rate", "1e-3", "--seed", str(SEED + 1), "--num_frames", str(FRAMES),
+        "--first_frame_weight", "4", "--steps", str(VAE_STEPS[1]), "--resume", str(first), "--output", str(second))
+    run(*vae, "--learning_rate", "5e-4", "--seed", str(SEED + 2), "--num_frames", str(FRAMES),
+        "--first_frame_weight", "4", "--still_weight", "1", "--steps", str(VAE_STEPS[2]), "--resume", str(second),
         "--output", str(work / "vae/Wan2.1_VAE.pth"))
 
 
@@ -117,7 +122,7 @@ def stage_check_vae(work: Path, count: int = 24) -> None:
     import torch
 
     from wan_models import load_model
-    from wan_train.vae_training import load_clips, to_video
+    from wan_train.vae_training import load_clips, still_spread, to_video
 
     vae = load_model(work / "vae/Wan2.1_VAE.pth", network="vae", dtype=torch.float32).eval()
     with open(work / "data/metadata.csv", newline="") as f:
@@ -132,6 +137,7 @@ def stage_check_vae(work: Path, count: int = 24) -> None:
     with torch.no_grad():
         video = vae.decode(vae.encode(to_video(clips)))
         z = vae.encode(to_video(clips))
+        spread = still_spread(vae, to_video(clips), torch.Generator().manual_seed(SEED))
     frames = ((video + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1).numpy()
     for row, clip in zip(rows, frames):
         m = measure_clip(list(clip))
@@ -139,8 +145,9 @@ def stage_check_vae(work: Path, count: int = 24) -> None:
         hits["direction"] += m.direction == row["direction"]
     l1 = (video - to_video(clips)).abs().mean().item()
     logger.info("VAE round trip on %d held-out clips: L1 %.4f, colour %d/%d, direction %d/%d; "
-                "normalised latents mean %.2f std %.2f", count, l1, hits["color"], count,
-                hits["direction"], count, z.mean().item(), z.std().item())
+                "normalised latents mean %.2f std %.2f (frame 0: std %.2f); still-clip latent spread %.4f", count,
+                l1, hits["color"], count, hits["direction"], count, z.mean().item(), z.std().item(),
+                z[:, :, 0].std().item(), spread.item())
 
 
 def _train_flags(work: Path) -> list[str]:
@@ -166,6 +173,7 @@ def stage_dit(work: Path, epochs: int, resume: bool) -> None:
     run(sys.executable, "-m", "wan_train", *_train_flags(work),
         "--model_paths", json.dumps([str(release / "diffusion_pytorch_model.safetensors")]),
         "--use_cached", str(work / "cache"), "--trainable_models", "dit", "--learning_rate", str(DIT_LR),
+        "--batch_size", str(DIT_BATCH), "--foreground_weight", str(DIT_FOREGROUND_WEIGHT),
         "--num_epochs", str(epochs), "--empty_prompt_ratio", str(DIT_EMPTY_PROMPT),
         "--output_path", str(work / "dit"), "--remove_prefix_in_ckpt", "pipe.dit.",
         "--save_steps", "500", "--no_gradient_checkpointing", *(["--resume"] if resume else []))

@@ -83,9 +83,9 @@ def test_crop_trains_on_squares_of_that_side_and_rejects_bad_sizes() -> None:
 
 
 def test_still_spread_measures_and_training_removes_frame_zero_mismatch() -> None:
-    """The spread is the variance of a still clip's latent frames around their mean, relative to the
-    latents' variance; training with ``still_weight`` ends far below training without it (measured:
-    0.0004 against 0.0087)."""
+    """The spread is the variance of a still clip's latent frames around their mean, relative to each
+    channel's variance; training with ``still_weight`` ends far below training without it (measured:
+    0.03 against 0.50)."""
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=4))
     clips = _clips()
@@ -93,7 +93,7 @@ def test_still_spread_measures_and_training_removes_frame_zero_mismatch() -> Non
     with torch.no_grad():
         spread = still_spread(vae, video, torch.Generator().manual_seed(1))
         z = vae.encode(video[:, :, 2:3].expand(-1, -1, 5, -1, -1), normalize=True)
-    expected = (z - z.mean(dim=2, keepdim=True)).square().mean() / z.var()
+    expected = ((z - z.mean(dim=2, keepdim=True)).square() / z.var(dim=(0, 2, 3, 4), keepdim=True)).mean()
     assert spread.item() > 0.001
     torch.testing.assert_close(spread, expected)  # generator seed 1 picks frame 2
 

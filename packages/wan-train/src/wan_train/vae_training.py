@@ -83,7 +83,8 @@ def foreground_weight(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
 
 
 def still_spread(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """How much the latent frames of a still clip differ, relative to the latents' variance.
+    """How much the latent frames of a still clip differ, relative to each latent channel's variance
+    (the scale the pipeline's DiT sees them at, after :func:`normalise_latents`).
 
     One random frame of ``video`` is repeated over its length and encoded. The causal VAE codes
     frame 0 alone, and unless told otherwise gives it a latent unlike the later frames of the same
@@ -93,7 +94,8 @@ def still_spread(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | 
     index = int(torch.randint(video.shape[2], (1,), generator=generator))
     still = video[:, :, index:index + 1].expand(-1, -1, video.shape[2], -1, -1)
     z = vae.encode(still, normalize=True)
-    return (z - z.mean(dim=2, keepdim=True)).square().mean() / z.detach().var()
+    variance = z.detach().var(dim=(0, 2, 3, 4), keepdim=True).clamp_min(1e-8)
+    return ((z - z.mean(dim=2, keepdim=True)).square() / variance).mean()
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
