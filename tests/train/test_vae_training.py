@@ -94,7 +94,7 @@ def test_still_spread_measures_and_training_removes_frame_zero_mismatch() -> Non
         spread = still_spread(vae, video, torch.Generator().manual_seed(1))
         z = vae.encode(video[:, :, 2:3].expand(-1, -1, 5, -1, -1), normalize=True)
     expected = ((z - z.mean(dim=2, keepdim=True)).square() / z.var(dim=(0, 2, 3, 4), keepdim=True)).mean()
-    assert spread.item() > 0.001
+    assert spread.item() > 0.1
     torch.testing.assert_close(spread, expected)  # generator seed 1 picks frame 2
 
     config = dict(steps=30, batch_size=4, learning_rate=3e-3, log_every=10)
