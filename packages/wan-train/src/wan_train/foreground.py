@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FAR", "foreground_mask", "latent_foreground"]
+__all__ = ["FAR", "foreground_mask", "latent_foreground", "weighted"]
 
 FAR = 0.25  # a pixel is foreground when a channel differs from the clip's median by more (video in [-1, 1])
 
@@ -34,3 +34,8 @@ def latent_foreground(mask: torch.Tensor, latent_shape: tuple[int, int, int]) ->
         return cells
     rest = cells[:, :, 1:].view(b, 1, frames - 1, (t - 1) // (frames - 1), height, width).amax(dim=3)
     return torch.cat([cells[:, :, :1], rest], dim=2)
+
+
+def weighted(mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """Loss weights from a 0/1 foreground ``mask``: ``weight`` on the foreground, 1 elsewhere."""
+    return 1.0 + (weight - 1.0) * mask.float()

@@ -37,7 +37,7 @@ from wan_runtime.units.image import video_pixels
 from wan_runtime.units.vace import reference_pixels
 
 from .args import DTYPES, IMAGE_INPUTS, TrainingError, model_configs, split_list
-from .foreground import foreground_mask, latent_foreground
+from .foreground import foreground_mask, latent_foreground, weighted
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ class WanTrainingModule(nn.Module):
             if inputs.foreground is None:
                 raise TrainingError("--foreground_weight needs the foreground of each sample: train on the videos, "
                                     "or on a cache written by this version (--cache_latents)")
-            error = error * (1.0 + (self.foreground_weight - 1.0) * inputs.foreground.float())
+            error = error * weighted(inputs.foreground, self.foreground_weight)
         return (error.flatten(1).mean(1) * torch.stack(weights).to(error.device)).mean()
 
     def _draw(self, x0: torch.Tensor, context: torch.Tensor, vace_reference: bool,

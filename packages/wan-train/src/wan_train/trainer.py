@@ -4,8 +4,8 @@ As the seed: AdamW over the trainable weights at the rate of torch's ``ConstantL
 (the first five optimizer steps at a third of ``--learning_rate``, then the full rate; set by hand
 here, which also reaches DeepSpeed's optimizer), one sample per process per micro-batch (``--batch_size``
 stacks more into one DiT call), ``--gradient_accumulation_steps`` micro-batches per optimizer step, and
-``epoch-N.safetensors`` (the
-trainable weights, ``--remove_prefix_in_ckpt`` stripped) after every epoch. Beyond the seed:
+``epoch-N.safetensors`` (the trainable weights, ``--remove_prefix_in_ckpt`` stripped) after every epoch.
+Beyond the seed:
 ``step-N.safetensors`` and a resume state every ``--save_steps`` steps, ``--resume``, a JSON-lines
 log of the loss, and a sample order, noise and timesteps that depend only on ``--seed`` (see
 :func:`wan_train.module.sample_seed`), so runs are reproducible across process counts and resumes.

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from wan_models.vae import VAEConfig, WanVAE
 
-from .foreground import foreground_mask
+from .foreground import foreground_mask, weighted
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def to_video(clips: torch.Tensor) -> torch.Tensor:
 def foreground_weight(video: torch.Tensor, fg_weight: float) -> torch.Tensor:
     """Per-pixel loss weights ``[B, 1, T, H, W]``: 1, or ``fg_weight`` on the clip's foreground
     (:func:`~wan_train.foreground.foreground_mask`): small objects then count as much as the background."""
-    return 1.0 + (fg_weight - 1.0) * foreground_mask(video).to(video.dtype)
+    return weighted(foreground_mask(video), fg_weight).to(video.dtype)
 
 
 def still_spread(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
