@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Loss weight of the latent cells covering the clip's foreground (pixels far from its "
                            "median colour) against 1 for the rest: small objects on plain backgrounds otherwise "
                            "count for little next to the background.")
+    ours.add_argument("--ema_decay", type=float, default=None,
+                      help="Keep an exponential moving average of the trained weights with this decay (e.g. 0.999, "
+                           "warmed up over the first steps) and write it to the checkpoints in place of the weights; "
+                           "the resume state keeps both.")
     ours.add_argument("--cache_latents", type=str, default=None, metavar="DIR",
                       help="Encode the dataset once (video latents, text context, conditioning) into DIR and exit; "
                            "train on it with --use_cached DIR.")
@@ -183,6 +187,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if not 0.0 <= args.empty_prompt_ratio < 1.0:
         raise TrainingError(f"--empty_prompt_ratio must be in [0, 1), got {args.empty_prompt_ratio}")
+    if args.ema_decay is not None and not 0.0 < args.ema_decay < 1.0:
+        raise TrainingError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if not args.foreground_weight > 0:
         raise TrainingError(f"--foreground_weight must be > 0, got {args.foreground_weight}")
     low, high = args.min_timestep_boundary, args.max_timestep_boundary

@@ -30,9 +30,10 @@ from .args import TrainingError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATE_DIR", "Progress", "find_state", "load_state", "save_state", "save_weights"]
+__all__ = ["EMA_FILE", "STATE_DIR", "Progress", "find_state", "load_state", "save_state", "save_weights"]
 
 STATE_DIR = "train_state"
+EMA_FILE = "ema.safetensors"  # the moving average of the weights (--ema_decay)
 LATEST = "latest"
 DEEPSPEED_TAG = "deepspeed"
 
@@ -91,8 +92,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, progress: Progress,
-               output_path: str | Path) -> Path:
-    """Write the resume state of ``progress`` (a collective call: every process must make it)."""
+               output_path: str | Path, ema: Any = None) -> Path:
+    """Write the resume state of ``progress``, with ``ema``'s moving average when given (a collective
+    call: every process must make it)."""
     root = Path(output_path) / STATE_DIR
     name = f"state-e{progress.epoch:04d}-b{progress.batch:09d}"
     partial, final = root / f"{name}.partial", root / name
@@ -107,6 +109,8 @@ def save_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
         trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
         save_file(trainable, str(partial / "weights.safetensors"))
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    if ema is not None and accelerator.is_main_process:
+        save_file(ema.state_dict(), str(partial / EMA_FILE))
     torch.save(_rng_state(), partial / f"rng-{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -36,8 +36,9 @@ from .args import TrainingError, split_list
 from .cache import CachedDataset
 from .configs import deepspeed_config
 from .dataset import VideoDataset, video_dataset
+from .ema import EMA
 from .module import WanTrainingModule, load_pipeline, sample_seed
-from .state import Progress, find_state, load_state, save_state, save_weights
+from .state import EMA_FILE, Progress, find_state, load_state, save_state, save_weights
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +118,16 @@ def open_dataset(args: argparse.Namespace, show_progress: bool = True) -> VideoD
 
 
 def _export(accelerator: Accelerator, model: torch.nn.Module, args: argparse.Namespace,
-            name: str) -> Path | None:
-    """Save the trainable weights under their export names (collective; the main process writes)."""
+            name: str, ema: EMA | None = None) -> Path | None:
+    """Save the trainable weights (their moving average with ``ema``) under their export names
+    (collective; the main process writes)."""
     unwrapped: WanTrainingModule = accelerator.unwrap_model(model)
     trainable = set(unwrapped.trainable_names())
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; None off the main process there
     path = None
     if accelerator.is_main_process:
+        if ema is not None:
+            state = ema.weights(trainable)
         tensors = {unwrapped.export_name(key, args.remove_prefix_in_ckpt): value
                    for key, value in state.items() if key in trainable}
         metadata = {}
@@ -133,6 +137,18 @@ def _export(accelerator: Accelerator, model: torch.nn.Module, args: argparse.Nam
         logger.info("saved %d trained tensors to %s", len(tensors), path)
     accelerator.wait_for_everyone()
     return path
+
+
+def _moving_average(accelerator: Accelerator, module: WanTrainingModule, decay: float | None) -> EMA | None:
+    """The :class:`EMA` of ``--ema_decay`` over the trainable weights (every process keeps its own copy,
+    which stays the same on all since their weights do), or ``None``."""
+    if decay is None:
+        return None
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3:
+        raise TrainingError("--ema_decay needs every process to hold the whole weights; ZeRO-3 shards them: "
+                            "use ZeRO-2 (--deepspeed zero2) or DDP")
+    return EMA(((n, p) for n, p in module.named_parameters() if p.requires_grad), decay)
 
 
 def train(args: argparse.Namespace,
@@ -165,11 +181,15 @@ def train(args: argparse.Namespace,
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=list,
                         num_workers=args.dataset_num_workers)
     model, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    ema = _moving_average(accelerator, module, args.ema_decay)
 
     result = TrainResult()
     progress = Progress()
     if args.resume:
-        progress = load_state(accelerator, model, optimizer, find_state(args.resume, args.output_path))
+        state = find_state(args.resume, args.output_path)
+        progress = load_state(accelerator, model, optimizer, state)
+        if ema is not None:
+            ema.load(state / EMA_FILE)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     log_path = Path(args.output_path) / LOG_FILE
     if accelerator.is_main_process:
@@ -195,6 +215,8 @@ def train(args: argparse.Namespace,
             if not accelerator.sync_gradients:
                 continue
             progress.step += 1
+            if ema is not None:
+                ema.update(progress.step)
             mean = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
             losses = []
             result.losses.append(mean)
@@ -205,13 +227,13 @@ def train(args: argparse.Namespace,
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
             if args.save_steps and progress.step % args.save_steps == 0:
-                result.checkpoints.append(_export(accelerator, model, args, f"step-{progress.step}"))
-                save_state(accelerator, model, optimizer, progress, args.output_path)
+                result.checkpoints.append(_export(accelerator, model, args, f"step-{progress.step}", ema))
+                save_state(accelerator, model, optimizer, progress, args.output_path, ema)
             if on_step is not None:
                 on_step(progress, mean)
         progress = Progress(epoch + 1, 0, progress.step)
-        result.checkpoints.append(_export(accelerator, model, args, f"epoch-{epoch}"))
-        save_state(accelerator, model, optimizer, progress, args.output_path)
+        result.checkpoints.append(_export(accelerator, model, args, f"epoch-{epoch}", ema))
+        save_state(accelerator, model, optimizer, progress, args.output_path, ema)
     bar.close()
     result.progress = progress
     result.module = accelerator.unwrap_model(model)
