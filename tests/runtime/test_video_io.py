@@ -157,6 +157,16 @@ def test_load_video_all_first_n_and_resized(tmp_path):
     assert 30 < red[0] < 80 and 175 < red[-1] < 225
 
 
+def test_load_video_gives_the_pixels_of_pyav_default_conversion(tmp_path):
+    """load_video converts frames on one thread (fast for small frames): the same pixels as PyAV's
+    default conversion, on noisy frames with hard colour edges."""
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)) for _ in range(5)]
+    path = save_video(frames, tmp_path / "noise.mp4")
+    expected, _ = read_back(path)
+    assert all(np.array_equal(np.asarray(got), want) for got, want in zip(load_video(path), expected, strict=True))
+
+
 def test_load_video_errors(tmp_path):
     path = save_video(gradient_frames(3), tmp_path / "v.mp4")
     with pytest.raises(ValueError, match="has 3 frames, fewer than num_frames=5"):

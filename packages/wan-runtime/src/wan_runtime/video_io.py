@@ -12,7 +12,7 @@ import logging
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -126,6 +126,15 @@ def load_image(path: str | os.PathLike, height: int | None = None, width: int | 
     return image if size is None else _crop_and_resize(image, *size)
 
 
+def _single_thread_conversion(av: Any) -> dict[str, int]:
+    """Keyword arguments that make PyAV convert each decoded frame to RGB on the calling thread.
+
+    PyAV 17+ starts a pool of conversion threads for every frame by default, which costs 5-15 times
+    the conversion itself on small frames (a 17-frame 64x64 clip: 140 ms against 10 ms on two
+    cores); older versions convert on one thread and take no such argument."""
+    return {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
+
 def load_video(path: str | os.PathLike, num_frames: int | None = None, height: int | None = None,
                width: int | None = None) -> list[Image.Image]:
     """The first ``num_frames`` frames (default all) of a video file as RGB PIL images.
@@ -143,12 +152,13 @@ def load_video(path: str | os.PathLike, num_frames: int | None = None, height: i
     if not path.is_file():
         raise FileNotFoundError(f"video file not found: {path.absolute()}")
     frames: list[Image.Image] = []
+    convert = _single_thread_conversion(av)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path} has no video stream")
             for frame in container.decode(video=0):
-                image = frame.to_image()
+                image = frame.to_image(**convert)
                 frames.append(image if size is None else _crop_and_resize(image, *size))
                 if num_frames is not None and len(frames) == num_frames:
                     break
