@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from wan_models import load_model
 from wan_models.vae import VAEConfig, WanVAE
-from wan_train.vae_training import (VAETrainConfig, normalise_latents, save_vae, still_spread, to_video, train_vae,
+from wan_train.vae_training import (VAETrainConfig, first_frame_mismatch, normalise_latents, save_vae, still_spread, to_video, train_vae,
                                     vae_loss)
 
 
@@ -107,3 +109,32 @@ def test_still_spread_measures_and_training_removes_frame_zero_mismatch() -> Non
             spreads[weight] = still_spread(vae, video, torch.Generator().manual_seed(1)).item()
         assert ("still_spread" in history[-1]) == bool(weight)
     assert spreads[1.0] < 0.2 * min(spreads[0.0], spread.item()), spreads
+
+
+def test_first_frame_mismatch_compares_frame_zero_statistics_with_the_rest() -> None:
+    """Zero when frame 0's per-channel mean and std equal the later frames'; for frame 0 at half the
+    std around a mean one std off, (1 + log(2)^2) per channel. Training with ``first_frame_match``
+    ends far below training without it."""
+    rest = torch.randn(2, 16, 4, 3, 3)
+    m = rest.mean(dim=(0, 2, 3, 4), keepdim=True)
+    s = rest.std(dim=(0, 2, 3, 4), keepdim=True)
+    first = torch.randn(2, 16, 1, 3, 3)
+    first = (first - first.mean(dim=(0, 2, 3, 4), keepdim=True)) / first.std(dim=(0, 2, 3, 4), keepdim=True)
+    same = torch.cat([m + s * first, rest], dim=2)
+    assert first_frame_mismatch(same).item() < 1e-10
+    off = torch.cat([m + s + 0.5 * s * first, rest], dim=2)
+    assert first_frame_mismatch(off).item() == pytest.approx(1 + math.log(2) ** 2, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2 latent frames, got 1"):
+        first_frame_mismatch(first)
+
+    clips = _clips()
+    config = dict(steps=30, batch_size=4, learning_rate=3e-3, log_every=10)
+    mismatches = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        vae = WanVAE(VAEConfig(dim=4))
+        history = train_vae(vae, clips, VAETrainConfig(first_frame_match=weight, **config))
+        with torch.no_grad():
+            mismatches[weight] = first_frame_mismatch(vae.encode(to_video(clips), normalize=True)).item()
+        assert ("frame0_mismatch" in history[-1]) == bool(weight)
+    assert mismatches[1.0] < 0.2 * mismatches[0.0], mismatches
