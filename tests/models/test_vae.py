@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_models.vae import StreamCache, VAEConfig, WanVAE, config_from_state_dict
+from wan_models.vae import StreamCache, VAEConfig, WanVAE, config_from_state_dict, normalize_channels
 
 
 @pytest.fixture(autouse=True)
@@ -243,3 +243,24 @@ def test_bad_configs_are_named() -> None:
         VAEConfig(z_dim=4)
     with pytest.raises(ValueError, match="at most 2 temporal downsamples"):
         VAEConfig(temperal_downsample=(True, True, True))
+
+
+@pytest.mark.parametrize("channels", [3, 8, 96])
+def test_normalize_channels_is_f_normalize_with_its_gradients(channels: int) -> None:
+    """The CPU sum-of-squares path against F.normalize: values, the out= form, and gradients, also
+    where every channel is zero (where both give zero gradients, not NaN)."""
+    x = torch.randn(2, channels, 3, 5, 7, generator=torch.Generator().manual_seed(channels))
+    x[0, :, 1, 2, 3] = 0
+    torch.testing.assert_close(normalize_channels(x), F.normalize(x, dim=1), rtol=1e-6, atol=1e-7)
+    out = torch.empty_like(x)
+    assert normalize_channels(x, out=out) is out
+    torch.testing.assert_close(out, F.normalize(x, dim=1), rtol=1e-6, atol=1e-7)
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    with torch.enable_grad():
+        for function in (normalize_channels, lambda v: F.normalize(v, dim=1)):
+            leaf = x.clone().requires_grad_(True)
+            (function(leaf) * weight).sum().backward()
+            grads.append(leaf.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

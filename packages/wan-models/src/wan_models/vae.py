@@ -150,6 +150,18 @@ class CausalConv3d(nn.Conv3d):
         return self.convolve(stream, cache)
 
 
+def normalize_channels(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.normalize(x, dim=1)``: ``x`` over its L2 norm across channels (at least 1e-12).
+
+    On the CPU through a sum of squares: PyTorch's vector-norm kernel reduces the strided channel
+    axis slowly (8x slower for 8 channels, 1.5x for 32), and norms were half of a tiny VAE's encode.
+    """
+    if x.device.type != "cpu":
+        return F.normalize(x, dim=1, out=out)
+    norm = x.square().sum(dim=1, keepdim=True).clamp_min(1e-24).sqrt()  # = max(||x||, 1e-12), finite gradients
+    return torch.div(x, norm, out=out)
+
+
 class RMSNorm(nn.Module):
     """L2-normalises over channels (dim 1) and scales by sqrt(C)·gamma; ``spatial_dims`` is 3 for
     ``[B, C, T, H, W]`` and 2 for ``[N, C, H, W]`` inputs (it fixes gamma's released shape)."""
@@ -160,7 +172,7 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *(1,) * spatial_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return normalize_channels(x) * self.scale * self.gamma
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: StreamCache,
@@ -173,7 +185,7 @@ def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: S
         h = F.silu(norm(x))
         return conv(h if dropout is None else dropout(h), cache)
     stream, new = conv.input_buffer(x, cache)
-    F.normalize(x, dim=1, out=new).mul_(norm.scale).mul_(norm.gamma)
+    normalize_channels(x, out=new).mul_(norm.scale).mul_(norm.gamma)
     F.silu(new, inplace=True)
     if dropout is not None:
         F.dropout(new, dropout.p, dropout.training, inplace=True)
