@@ -78,11 +78,6 @@ def captions() -> list[str]:
     return [prompt_for(*c) for c in itertools.product(SHAPES, COLORS, DIRECTIONS, BACKGROUNDS)]
 
 
-def caption_words() -> list[str]:
-    """The words of the captions, each one token of the tokenizer."""
-    return sorted({word for caption in captions() for word in caption.split()})
-
-
 def stage_init(work: Path) -> None:
     """The release to train from: fixed random T5, caption tokenizer, trained VAE, new DiT."""
     import torch
@@ -97,7 +92,7 @@ def stage_init(work: Path) -> None:
     t5 = T5Config(**T5_SIZES)
     tiny_release.write_t5(release / T5_FILE, t5, seed=SEED)
     tiny_release.write_tokenizer(release / T5_TOKENIZER, vocab_size=T5_SIZES["vocab"], seed=SEED,
-                                 texts=captions() * 4, words=caption_words())
+                                 texts=captions() * 4)
     shutil.copy(work / "vae/Wan2.1_VAE.pth", release / VAE_FILE)
     config = tiny_release.tiny_dit_config("Wan2.1-T2V-1.3B", t5).replace(**DIT_SIZES)
     torch.manual_seed(SEED)

@@ -115,23 +115,3 @@ def test_bad_text_len_and_empty_prompt_list(prompter):
         Prompter(prompter.tokenizer, prompter.text_encoder, text_len=0)
     with pytest.raises(ValueError, match="no prompt given"):
         prompter.encode([])
-
-
-def test_tokenizer_words_become_whole_pieces_in_both_formats(tmp_path):
-    """``write_tokenizer(words=...)``: each word (with its leading space) is one token, in the
-    sentencepiece model and in tokenizer.json alike; other text still tokenizes the same in both."""
-    import sentencepiece
-    from transformers import AutoTokenizer
-
-    words = ["purple", "triangle", "standing", "background"]
-    folder = tiny_release.write_tokenizer(tmp_path / "tok", words=words)
-    spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
-    hf = AutoTokenizer.from_pretrained(str(folder))
-    text = "a purple triangle standing on a noisy background"
-    assert hf.tokenize(text)[1:3] == ["\u2581purple", "\u2581triangle"]
-    assert spm.encode_as_pieces(text)[1:5] == ["\u2581purple", "\u2581triangle", "\u2581standing", "\u2581on"]
-    for sample in (text, "purplish triangles, standing still", "a fox running in the snow"):
-        assert hf(sample)["input_ids"] == spm.encode(sample) + [1], sample
-    plain = sentencepiece.SentencePieceProcessor(
-        model_file=str(tiny_release.write_tokenizer(tmp_path / "plain") / "spiece.model"))
-    assert len(plain.encode_as_pieces(text)) > len(spm.encode_as_pieces(text))

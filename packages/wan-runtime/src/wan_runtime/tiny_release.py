@@ -179,18 +179,17 @@ def _training_text(seed: int) -> list[str]:
 
 
 def write_tokenizer(folder: Path, vocab_size: int = TOKENIZER_VOCAB, seed: int = 0,
-                    texts: Sequence[str] = (), words: Sequence[str] = ()) -> Path:
+                    texts: Sequence[str] = ()) -> Path:
     """A small umT5-style tokenizer folder: ``spiece.model`` (unigram; pad 0, </s> 1, unk 2), the
     equivalent ``tokenizer.json`` and the T5 tokenizer configs, loadable by ``AutoTokenizer``.
 
-    ``texts`` are trained on besides the generic prompt text. ``words`` (a trained model's
-    vocabulary) become pieces of their own, each a whole word with its leading space: at this
-    vocabulary size the trainer would otherwise split most of them ("purple" -> "pu", "rp", "le")."""
+    ``texts`` are trained on besides the generic prompt text (a trained model's captions, so that
+    their words become single pieces)."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([*texts, *_training_text(seed)]), model_writer=model, vocab_size=vocab_size,
         model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-        user_defined_symbols=[f"\u2581{word}" for word in words], num_threads=1, minloglevel=2)
+        num_threads=1, minloglevel=2)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spiece.model").write_bytes(model.getvalue())
     sp = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
