@@ -30,14 +30,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wan_models.vae import VAEConfig, WanVAE
+from wan_models.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, VAEConfig, WanVAE
 
 from .foreground import foreground_mask, weighted
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VAETrainConfig", "first_frame_mismatch", "foreground_weight", "identity_init", "load_clips", "main", "normalise_latents",
-           "save_vae", "still_spread", "to_video", "train_vae", "vae_loss"]
+__all__ = ["VAETrainConfig", "first_frame_mismatch", "foreground_weight", "frame_by_frame_init", "identity_init",
+           "load_clips", "main", "normalise_latents", "save_vae", "still_spread", "to_video", "train_vae", "vae_loss"]
 
 
 @dataclass
@@ -54,6 +54,7 @@ class VAETrainConfig:
     crop: int | None = None     # train on random square crops of this side (convolutions are size-agnostic)
     still_weight: float = 0.0   # weight of the latent frames' spread on still clips (see still_spread)
     first_frame_match: float = 0.0  # weight of frame 0's latent statistics mismatch (see first_frame_mismatch)
+    pictures: bool = False      # train on one random frame of each clip: the picture codec (see frame_by_frame_init)
     seed: int = 0
     log_every: int = 50
 
@@ -101,8 +102,9 @@ def still_spread(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | 
 
 def first_frame_mismatch(z: torch.Tensor) -> torch.Tensor:
     """How far the statistics of latent frame 0 are from those of the later frames, per channel:
-    ``((m0 - m) / s) ** 2 + log(s0 / s) ** 2`` averaged over channels (``m``, ``s``: mean and std
-    over the batch and the grid; the later frames' are the target and get no gradient).
+    ``((m0 - m) ** 2 + (s0 - s) ** 2) / s ** 2`` averaged over channels (``m``, ``s``: mean and std
+    over the batch and the grid; the later frames' are the target and get no gradient; bounded
+    gradients even where frame 0's spread is near zero, as it is at the start of training).
 
     The causal VAE codes frame 0 alone; left to itself it gives it latents of about a third of the
     later frames' spread around another mean. A DiT's loss then hardly sees frame 0, and the decoder
@@ -113,7 +115,7 @@ def first_frame_mismatch(z: torch.Tensor) -> torch.Tensor:
     first, rest = z[:, :, 0], z[:, :, 1:].detach()
     m0, s0 = first.mean(dim=(0, 2, 3)), first.std(dim=(0, 2, 3))
     m, s = rest.mean(dim=(0, 2, 3, 4)), rest.std(dim=(0, 2, 3, 4)).clamp_min(1e-6)
-    return (((m0 - m) / s).square() + torch.log(s0.clamp_min(1e-6) / s).square()).mean()
+    return (((m0 - m).square() + (s0 - s).square()) / s.square()).mean()
 
 
 def vae_loss(vae: WanVAE, video: torch.Tensor, latent_noise: float, kl_weight: float,
@@ -157,6 +159,8 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
     if config.crop is not None and (config.crop % factor or not factor <= config.crop <= min(clips.shape[-2:])):
         raise ValueError(f"crop {config.crop} must be a multiple of {factor} between {factor} and the clips' "
                          f"{tuple(clips.shape[-2:])} frame size")
+    if config.pictures and (config.first_frame_match or config.still_weight):
+        raise ValueError("pictures have one latent frame: first_frame_match and still_weight need whole clips")
     gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -166,6 +170,9 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
         batch = clips[torch.randint(len(clips), (config.batch_size,), generator=gen)]
+        if config.pictures:
+            frames = torch.randint(batch.shape[2], (len(batch),), generator=gen)
+            batch = batch[torch.arange(len(batch)), :, frames].unsqueeze(2)
         if config.crop:
             top, left = torch.randint(0, min(batch.shape[-2:]) - config.crop + 1, (2,), generator=gen).tolist()
             batch = batch[..., top:top + config.crop, left:left + config.crop]
@@ -220,14 +227,41 @@ def normalise_latents(vae: WanVAE, clips: torch.Tensor, batch_size: int = 8) -> 
 def identity_init(vae: WanVAE) -> WanVAE:
     """Zero the last conv of every residual block and every attention output, so that each block
     starts as the identity: a fresh deep VAE then trains like a shallow one instead of sitting on
-    the mean colour for hundreds of steps (as PyTorch's default initialisation does)."""
+    the mean colour for hundreds of steps (as PyTorch's default initialisation does). Then
+    :func:`frame_by_frame_init`."""
     for module in vae.modules():
-        if hasattr(module, "residual") and hasattr(module, "shortcut"):
+        if isinstance(module, ResidualBlock):
             torch.nn.init.zeros_(module.residual[-1].weight)
             torch.nn.init.zeros_(module.residual[-1].bias)
-        elif hasattr(module, "to_qkv") and hasattr(module, "proj"):
+        elif isinstance(module, AttentionBlock):
             torch.nn.init.zeros_(module.proj.weight)
             torch.nn.init.zeros_(module.proj.bias)
+    return frame_by_frame_init(vae)
+
+
+@torch.no_grad()
+def frame_by_frame_init(vae: WanVAE) -> WanVAE:
+    """Make the VAE code a video as a series of single pictures: every causal conv looks at the
+    current frame only (its taps on past frames zeroed), the encoder's temporal downsampling keeps
+    the last frame of each chunk and the decoder's temporal upsampling repeats each frame.
+
+    The first chunk (one frame, a picture) never reaches those weights, so training on pictures
+    leaves them as they are; a VAE trained on pictures alone then starts video training as a
+    working picture codec for every frame (right but for motion) instead of mixing random taps
+    into frames 1..T, which wrecked the picture code as well. Later frames' latents start out with
+    frame 0's statistics too."""
+    for module in vae.modules():
+        if isinstance(module, CausalConv3d) and module.past_frames:
+            module.weight[:, :, :-1] = 0
+    for module in vae.modules():
+        if isinstance(module, Resample) and hasattr(module, "time_conv"):
+            conv = module.time_conv
+            channels = conv.in_channels
+            conv.weight.zero_()
+            conv.bias.zero_()
+            identity = torch.eye(channels, dtype=conv.weight.dtype)
+            for half in range(conv.out_channels // channels):  # upsample3d: both frames of each pair
+                conv.weight[half * channels:(half + 1) * channels, :, -1, 0, 0] = identity
     return vae
 
 
@@ -264,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="weight of the spread of a still clip's latent frames (frame 0 coded like the rest)")
     parser.add_argument("--first_frame_match", type=float, default=0.0,
                         help="weight of the mismatch of frame 0's latent mean/std with the later frames'")
+    parser.add_argument("--pictures", action="store_true",
+                        help="train on one random frame of each clip (the first, one-frame chunk of the causal VAE: "
+                             "a picture codec, which a fresh VAE's frame-by-frame start carries over to video)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_steps", type=int, default=200)
     parser.add_argument("--resume", type=Path, default=None, help="start from these VAE weights")
@@ -283,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             latent_noise=args.latent_noise, kl_weight=args.kl_weight, fg_weight=args.fg_weight,
                             first_frame_weight=args.first_frame_weight, crop=args.crop,
                             still_weight=args.still_weight, first_frame_match=args.first_frame_match,
-                            seed=args.seed)
+                            pictures=args.pictures, seed=args.seed)
     train_vae(vae, clips, config, args.output, args.save_steps)
     m, s = normalise_latents(vae, clips[:256])
     logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
