@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Loss weight of the latent cells covering the clip's foreground (pixels far from its "
                            "median colour) against 1 for the rest: small objects on plain backgrounds otherwise "
                            "count for little next to the background.")
+    ours.add_argument("--timestep_weighting", choices=["bell", "uniform"], default="bell",
+                      help="Loss weight per timestep: the seed's bell (DiffSynth's weights, near zero at both ends "
+                           "of the schedule) or uniform (the high-noise steps, where the prompt sets colour and "
+                           "layout, count as much as the rest).")
     ours.add_argument("--ema_decay", type=float, default=None,
                       help="Keep an exponential moving average of the trained weights with this decay (e.g. 0.999, "
                            "warmed up over the first steps) and write it to the checkpoints in place of the weights; "

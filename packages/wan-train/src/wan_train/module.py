@@ -46,6 +46,7 @@ __all__ = ["TrainingInputs", "WanTrainingModule", "load_pipeline", "sample_seed"
 NUM_TRAIN_TIMESTEPS = 1000
 TRAINING_SHIFT = 5.0  # the seed's training scheduler: FlowMatchScheduler(shift=5), 1000 steps
 VACE_PREFIX = "vace_"  # the DiT's VACE modules: vace_blocks, vace_patch_embedding
+TIMESTEP_WEIGHTINGS = ("bell", "uniform")
 ADAPTER = "default"  # peft's adapter name, dropped from saved keys
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 # DiT parts that only run when one of these inputs is given (else their weights get no gradient).
@@ -175,6 +176,9 @@ class WanTrainingModule(nn.Module):
     ``empty_prompt_ratio`` of the samples (drawn from each sample's seed) see ``empty_context``, the
     empty prompt's context, instead of their own: the unconditional model classifier-free guidance needs.
     ``foreground_weight`` scales the loss on the latent cells of the video's foreground (1: plain mse).
+    ``timestep_weighting`` is the seed's ``"bell"`` (DiffSynth's weights, which fade out towards both
+    ends of the schedule) or ``"uniform"`` (every timestep counts alike, the high-noise ones where a
+    prompt decides colour and layout included).
     """
 
     def __init__(self, pipeline: WanVideoPipeline, trainable_models: Sequence[str] = (),
@@ -182,7 +186,8 @@ class WanTrainingModule(nn.Module):
                  lora_rank: int = 32, use_gradient_checkpointing: bool = True,
                  use_gradient_checkpointing_offload: bool = False, extra_inputs: Sequence[str] = (),
                  max_timestep_boundary: float = 1.0, min_timestep_boundary: float = 0.0,
-                 empty_prompt_ratio: float = 0.0, foreground_weight: float = 1.0) -> None:
+                 empty_prompt_ratio: float = 0.0, foreground_weight: float = 1.0,
+                 timestep_weighting: str = "bell") -> None:
         super().__init__()
         self.pipeline = pipeline  # a plain object: its networks are not registered here
         self.extra_inputs = list(extra_inputs)
@@ -195,6 +200,9 @@ class WanTrainingModule(nn.Module):
         self.lora_config: LoraConfig | None = None
         self.empty_prompt_ratio = empty_prompt_ratio
         self.foreground_weight = foreground_weight
+        if timestep_weighting not in TIMESTEP_WEIGHTINGS:
+            raise TrainingError(f"unknown timestep weighting {timestep_weighting!r}; choose from {TIMESTEP_WEIGHTINGS}")
+        self.timestep_weighting = timestep_weighting
         self.empty_context: torch.Tensor | None = None  # set by the caller when the pipeline has no prompter
         if empty_prompt_ratio and pipeline.prompter is not None:
             self.empty_context = empty_prompt_context(pipeline)
@@ -222,7 +230,7 @@ class WanTrainingModule(nn.Module):
                    use_gradient_checkpointing_offload=args.use_gradient_checkpointing_offload,
                    extra_inputs=split_list(args.extra_inputs), max_timestep_boundary=args.max_timestep_boundary,
                    min_timestep_boundary=args.min_timestep_boundary, empty_prompt_ratio=args.empty_prompt_ratio,
-                   foreground_weight=args.foreground_weight)
+                   foreground_weight=args.foreground_weight, timestep_weighting=args.timestep_weighting)
 
     # -- what is trained ----------------------------------------------------------------------------
 
@@ -377,7 +385,9 @@ class WanTrainingModule(nn.Module):
                 raise TrainingError("--empty_prompt_ratio needs the empty prompt's context: load the text encoder, "
                                     "or train on a cache written by this version (--cache_latents)")
             context = self.empty_context.to(device=context.device, dtype=context.dtype)
-        return noisy, timestep, target, context, self.scheduler.training_weight(timestep)
+        weight = (self.scheduler.training_weight(timestep) if self.timestep_weighting == "bell"
+                  else torch.ones((), dtype=torch.float32))
+        return noisy, timestep, target, context, weight
 
     def predict(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 shared: dict[str, Any]) -> torch.Tensor:
