@@ -38,7 +38,7 @@ logger = logging.getLogger("train_tiny_model")
 ASSET = REPO / "packages/wan-runtime/src/wan_runtime/assets/tiny-shapes"
 STAGES = ("data", "vae", "init", "check_vae", "cache", "dit", "ship")
 CLIPS, SEED, FRAMES, SIZE = 3000, 0, 17, 64
-VAE_DIM, VAE_STEPS = 8, (1500, 1000)
+VAE_DIM, VAE_STEPS = 8, (3000, 500)  # picture steps, video steps
 T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
 DIT_LR, DIT_BATCH = 1e-3, 16
@@ -60,17 +60,20 @@ def stage_data(work: Path) -> None:
 
 
 def stage_vae(work: Path) -> None:
-    """Train the VAE (identity-initialised blocks, object pixels weighted x10) on random 32x32 crops in
-    two phases: 9-frame clips from scratch, then whole 17-frame clips with frame 0 (coded alone by the
-    causal VAE) weighted x4. Later chunks only learn a stable causal state from clips that long."""
+    """Train the VAE (identity-initialised blocks, coding video frame by frame at the start; object
+    pixels weighted x10) on random 32x32 crops in two phases: single random frames (pictures: the
+    causal VAE's one-frame first chunk, cheap, and the code every frame starts from), then whole
+    17-frame clips at a lower rate, which teach the temporal taps the motion inside each 4-frame
+    chunk, with frame 0's latent statistics held to the later frames'."""
     common = ["--dataset_base_path", str(work / "data"), "--dataset_metadata_path", str(work / "data/metadata.csv"),
-              "--max_clips", "1500", "--dim", str(VAE_DIM), "--batch_size", "4", "--learning_rate", "1e-3",
-              "--crop", "32", "--save_steps", "100", "--fg_weight", "10"]
+              "--max_clips", "1500", "--dim", str(VAE_DIM), "--num_frames", str(FRAMES), "--crop", "32",
+              "--fg_weight", "10", "--save_steps", "100"]
     vae = [sys.executable, "-m", "wan_train.vae", *common]
-    first = work / "vae/phase1.pth"
-    run(*vae, "--seed", str(SEED), "--num_frames", "9", "--steps", str(VAE_STEPS[0]), "--output", str(first))
-    run(*vae, "--seed", str(SEED + 1), "--num_frames", str(FRAMES), "--first_frame_weight", "4",
-        "--steps", str(VAE_STEPS[1]), "--resume", str(first), "--output", str(work / "vae/Wan2.1_VAE.pth"))
+    pictures = work / "vae/pictures.pth"
+    run(*vae, "--pictures", "--seed", str(SEED), "--batch_size", "16", "--learning_rate", "2e-3",
+        "--steps", str(VAE_STEPS[0]), "--output", str(pictures))
+    run(*vae, "--seed", str(SEED + 1), "--batch_size", "4", "--learning_rate", "3e-4", "--first_frame_match", "1",
+        "--steps", str(VAE_STEPS[1]), "--resume", str(pictures), "--output", str(work / "vae/Wan2.1_VAE.pth"))
 
 
 def captions() -> list[str]:
