@@ -3,15 +3,17 @@
 Stages (each one command, seeded; run them all or pick with ``--stages``), everything under WORK:
 
 1. ``data``: 3000 procedural shape clips (17 frames, 64x64) with ``tools/shapes_dataset.py``.
-2. ``vae``: a ``VAEConfig(dim=8)`` Wan-VAE trained for reconstruction (``python -m wan_train.vae``).
+2. ``vae``: a ``VAEConfig(dim=8)`` Wan-VAE trained for reconstruction (``python -m wan_train.vae``),
+   on single frames first, then on whole clips.
 3. ``init``: the starting release: random-but-fixed tiny umT5, a tokenizer trained on the captions,
    the trained VAE, a freshly initialised tiny DiT (``config.json`` included).
-4. ``check_vae``: decode a few clips through the VAE and measure colour/direction (logged).
-5. ``cache``: ``python -m wan_train --cache_latents`` (VAE latents + T5 contexts of 1000 clips, once).
-6. ``dit``: ``python -m wan_train --use_cached`` full training of the DiT (flow matching).
-7. ``ship``: the last DiT checkpoint in bfloat16 + the other files into the asset folder.
+4. ``check_vae``: round-trip held-out clips through the VAE and measure them (logged).
+5. ``cache``: ``python -m wan_train --cache_latents`` (VAE latents + T5 contexts of 2000 clips, once).
+6. ``dit``: ``python -m wan_train --use_cached`` full training of the DiT (flow matching, uniform
+   timestep weights, a moving average of the weights).
+7. ``ship``: the last DiT checkpoint (the average) in bfloat16 + the other files into the asset folder.
 
-    python tools/train_tiny_model.py /tmp/tiny [--stages data,vae,...] [--dit_epochs 60]
+    python tools/train_tiny_model.py /tmp/tiny [--stages data,vae,...] [--dit_epochs 48]
 
 See ``docs/tiny_model.md`` for the numbers of the shipped run.
 """
@@ -41,7 +43,7 @@ CLIPS, SEED, FRAMES, SIZE = 3000, 0, 17, 64
 VAE_DIM, VAE_STEPS = 8, (3000, 500)  # picture steps, video steps
 T5_SIZES = dict(vocab=256, dim=64, dim_attn=64, dim_ffn=128, num_heads=2, num_layers=2, num_buckets=32)
 DIT_SIZES = dict(dim=192, ffn_dim=768, num_heads=3, num_layers=6, freq_dim=256)
-DIT_LR, DIT_BATCH = 1e-3, 16
+DIT_LR, DIT_BATCH, DIT_EMA = 1e-3, 16, 0.999
 DIT_EMPTY_PROMPT = 0.1  # unconditional samples, for classifier-free guidance
 DIT_FOREGROUND_WEIGHT = 5.0  # the moving shape's latent cells count 5x in the flow-matching loss
 DIT_CLIPS = 2000
@@ -179,6 +181,7 @@ def stage_dit(work: Path, epochs: int, resume: bool) -> None:
         "--model_paths", json.dumps([str(release / "diffusion_pytorch_model.safetensors")]),
         "--use_cached", str(work / "cache"), "--trainable_models", "dit", "--learning_rate", str(DIT_LR),
         "--batch_size", str(DIT_BATCH), "--foreground_weight", str(DIT_FOREGROUND_WEIGHT),
+        "--ema_decay", str(DIT_EMA), "--timestep_weighting", "uniform",
         "--num_epochs", str(epochs), "--empty_prompt_ratio", str(DIT_EMPTY_PROMPT),
         "--output_path", str(work / "dit"), "--remove_prefix_in_ckpt", "pipe.dit.",
         "--save_steps", "500", "--no_gradient_checkpointing", *(["--resume"] if resume else []))
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", type=Path, help="work folder (dataset, cache, checkpoints; not the repository)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("--dit_epochs", type=int, default=60)
+    parser.add_argument("--dit_epochs", type=int, default=48)
     parser.add_argument("--resume", action="store_true", help="dit: continue the last run's state")
     parser.add_argument("--checkpoint", type=Path, default=None, help="ship: this DiT checkpoint (default newest)")
     args = parser.parse_args(argv)
