@@ -3,8 +3,8 @@
 Stages (each one command, seeded; run them all or pick with ``--stages``), everything under WORK:
 
 1. ``data``: 3000 procedural shape clips (17 frames, 64x64) with ``tools/shapes_dataset.py``.
-2. ``vae``: a ``VAEConfig(dim=8)`` Wan-VAE trained for reconstruction (``wan_train.vae`` in two
-   processes under ``torchrun``), on single frames first, then on whole clips.
+2. ``vae``: a ``VAEConfig(dim=8)`` Wan-VAE trained for reconstruction (``python -m wan_train.vae``),
+   on single frames first, then on whole clips.
 3. ``init``: the starting release: random-but-fixed tiny umT5, a tokenizer trained on the captions,
    the trained VAE, a freshly initialised tiny DiT (``config.json`` included).
 4. ``check_vae``: round-trip held-out clips through the VAE and measure them (logged).
@@ -70,10 +70,7 @@ def stage_vae(work: Path) -> None:
     common = ["--dataset_base_path", str(work / "data"), "--dataset_metadata_path", str(work / "data/metadata.csv"),
               "--max_clips", "1500", "--dim", str(VAE_DIM), "--num_frames", str(FRAMES), "--crop", "32",
               "--fg_weight", "10", "--save_steps", "100"]
-    # two processes, each coding half of every batch (one thread each): a VAE this small barely gains
-    # from a second thread, but splits over two processes almost perfectly
-    vae = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "wan_train.vae", *common]
+    vae = [sys.executable, "-m", "wan_train.vae", *common]
     pictures = work / "vae/pictures.pth"
     run(*vae, "--pictures", "--seed", str(SEED), "--batch_size", "16", "--learning_rate", "2e-3",
         "--steps", str(VAE_STEPS[0]), "--output", str(pictures))

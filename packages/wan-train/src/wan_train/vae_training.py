@@ -21,7 +21,6 @@ import argparse
 import csv
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from wan_models.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, VAEConfig, WanVAE
@@ -156,13 +154,6 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
 
     With ``output``, the weights are written there (``Wan2.1_VAE.pth``) every ``save_every`` steps
     and at the end.
-
-    Under ``torch.distributed`` (``torchrun --nproc_per_node N``, gloo on a CPU) every process draws
-    the same batches (clips, frames, crop) and trains on its share of each, ``batch_size / N`` clips;
-    the gradients are averaged, so all processes keep the same weights and, the latent noise aside,
-    compute what one process would (batch statistics such as :func:`first_frame_mismatch` are each
-    process's own). A small VAE barely gains from a second thread, so this is how it uses two cores.
-    The logged metrics are those of the first process.
     """
     factor = vae.config.spatial_factor
     if config.crop is not None and (config.crop % factor or not factor <= config.crop <= min(clips.shape[-2:])):
@@ -170,11 +161,7 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
                          f"{tuple(clips.shape[-2:])} frame size")
     if config.pictures and (config.first_frame_match or config.still_weight):
         raise ValueError("pictures have one latent frame: first_frame_match and still_weight need whole clips")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if config.batch_size % world:
-        raise ValueError(f"batch size {config.batch_size} does not split over {world} processes")
-    draws = torch.Generator().manual_seed(config.seed)  # the batches: the same on every process
-    gen = torch.Generator().manual_seed(config.seed * 1009 + 1 + rank)  # this process's noise
+    gen = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / config.steps)))
@@ -182,24 +169,18 @@ def train_vae(vae: WanVAE, clips: torch.Tensor, config: VAETrainConfig,
     vae.train()
     start = time.perf_counter()
     for step in range(1, config.steps + 1):
-        batch = clips[torch.randint(len(clips), (config.batch_size,), generator=draws)]
+        batch = clips[torch.randint(len(clips), (config.batch_size,), generator=gen)]
         if config.pictures:
-            frames = torch.randint(batch.shape[2], (len(batch),), generator=draws)
+            frames = torch.randint(batch.shape[2], (len(batch),), generator=gen)
             batch = batch[torch.arange(len(batch)), :, frames].unsqueeze(2)
         if config.crop:
-            top, left = torch.randint(0, min(batch.shape[-2:]) - config.crop + 1, (2,), generator=draws).tolist()
+            top, left = torch.randint(0, min(batch.shape[-2:]) - config.crop + 1, (2,), generator=gen).tolist()
             batch = batch[..., top:top + config.crop, left:left + config.crop]
-        batch = batch[rank::world]
         loss, metrics = vae_loss(vae, to_video(batch), config.latent_noise, config.kl_weight, gen,
                                  config.fg_weight, config.first_frame_weight, config.still_weight,
                                  config.first_frame_match)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if world > 1:
-            for p in vae.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -325,11 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", type=Path, default=None, help="start from these VAE weights")
     parser.add_argument("--output", type=Path, required=True, help="the .pth to write (Wan2.1_VAE.pth)")
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
     vae = identity_init(WanVAE(VAEConfig(dim=args.dim)))
     if args.resume is not None:
@@ -344,14 +321,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                             first_frame_weight=args.first_frame_weight, crop=args.crop,
                             still_weight=args.still_weight, first_frame_match=args.first_frame_match,
                             pictures=args.pictures, seed=args.seed)
-    train_vae(vae, clips, config, args.output if rank == 0 else None, args.save_steps)
-    if rank == 0:
-        m, s = normalise_latents(vae, clips[:256])
-        logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
-                    [round(v, 2) for v in m.tolist()], [round(v, 2) for v in s.tolist()])
-        save_vae(vae, args.output)
-    if world > 1:
-        dist.destroy_process_group()
+    train_vae(vae, clips, config, args.output, args.save_steps)
+    m, s = normalise_latents(vae, clips[:256])
+    logger.info("normalised latents: folded per-channel mean %s and std %s into conv1/conv2",
+                [round(v, 2) for v in m.tolist()], [round(v, 2) for v in s.tolist()])
+    save_vae(vae, args.output)
 
 
 if __name__ == "__main__":
