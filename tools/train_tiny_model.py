@@ -53,7 +53,8 @@ DIT_CLIPS = 2000
 def run(*command: str, env: dict[str, str] | None = None) -> None:
     """Run one stage's command (logged with its extra environment, so the log holds the exact commands)."""
     logger.info("$ %s%s", "".join(f"{k}={v} " for k, v in (env or {}).items()), " ".join(command))
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, **env} if env else None)
+    bars = {} if sys.stderr.isatty() else {"TQDM_MININTERVAL": "30"}  # a log file: a bar line per 30 s
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, **bars, **(env or {})})
 
 
 def stage_data(work: Path) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +237,15 @@ def test_empty_prompt_ratio_swaps_in_the_empty_context(release: Path, dataset: P
                                          "--empty_prompt_ratio", "0.3", "--use_cached", str(cache),
                                          paths=dit_only)))
     assert torch.equal(cached.module.empty_context.float(), empty)
+
+
+def test_progress_bar_redraws_at_its_interval(release: Path, dataset: Path, tmp_path: Path) -> None:
+    """The loss shown beside the bar waits for the bar's own redraw: with ``TQDM_MININTERVAL`` long
+    (what a log file wants) 8 steps draw the bar at its start and end, not once per step."""
+    argv = [a for a in train_argv(release, dataset, tmp_path, "--lora_base_model", "dit", "--lora_rank", "4",
+                                  "--dataset_repeat", "8", metadata="one.csv") if a != "--disable_progress_bar"]
+    run = subprocess.run([sys.executable, "-m", "wan_train", *argv], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TQDM_MININTERVAL": "1000"})  # tqdm reads it at import
+    draws = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.startswith("training:")]
+    assert draws[-1].startswith("training: 100%|") and "8/8" in draws[-1], draws
+    assert len(draws) <= 3, draws

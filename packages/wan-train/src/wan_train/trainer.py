@@ -220,8 +220,8 @@ def train(args: argparse.Namespace,
             mean = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
             losses = []
             result.losses.append(mean)
+            bar.set_postfix(loss=f"{mean:.4f}", refresh=False)  # a refresh here would redraw every step
             bar.update(1)
-            bar.set_postfix(loss=f"{mean:.4f}")
             if accelerator.is_main_process:
                 record = {"epoch": epoch, "step": progress.step, "loss": mean, "lr": lr}
                 with log_path.open("a") as f:
