@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wan_train import TrainingError, WanTrainingModule, build_cache, load_pipeline, parse_args
+import wan_train.module
 from wan_train.cache import read_inputs, write_inputs
 from wan_train.foreground import foreground_mask, latent_foreground
 from wan_train.module import TrainingInputs
@@ -91,17 +92,22 @@ def test_foreground_weight_scales_the_loss_of_foreground_cells_only(release: Pat
                                * module.scheduler.training_weight(timestep))
 
 
-def test_prepared_and_cached_inputs_carry_the_video_foreground(release: Path, dataset: Path, tmp_path: Path) -> None:
-    """A square that appears in frame 1 inside one 8x8 block is one foreground cell, in latent frame 1."""
-    args = parse_args(train_argv(release, dataset, tmp_path, "--trainable_models", "dit"))
-    module = WanTrainingModule.from_args(args, load_pipeline(args))
+def _square_clip() -> list[Image.Image]:
+    """A red square on a light background that appears in frame 1 inside one 8x8 block and moves right."""
     frames = []
     for t in range(FRAMES):
         array = np.full((HEIGHT, WIDTH, 3), 230, dtype=np.uint8)
         if t:
             array[9:15, 16 + t:20 + t] = (200, 30, 30)  # inside rows 8..15, columns 16..23 in every frame
         frames.append(Image.fromarray(array))
-    inputs = module.prepare_inputs({"video": frames, "prompt": "a red square"})
+    return frames
+
+
+def test_prepared_and_cached_inputs_carry_the_video_foreground(release: Path, dataset: Path, tmp_path: Path) -> None:
+    """A square that appears in frame 1 inside one 8x8 block is one foreground cell, in latent frame 1."""
+    args = parse_args(train_argv(release, dataset, tmp_path, "--trainable_models", "dit"))
+    module = WanTrainingModule.from_args(args, load_pipeline(args))
+    inputs = module.prepare_inputs({"video": _square_clip(), "prompt": "a red square"})
     expected = torch.zeros(1, 1, *inputs.input_latents.shape[2:])
     expected[0, 0, 1, 1, 2] = 1.0
     assert torch.equal(inputs.foreground, expected)
@@ -112,3 +118,21 @@ def test_prepared_and_cached_inputs_carry_the_video_foreground(release: Path, da
                                               str(tmp_path / "cache"))))
     cached = read_inputs(cache / "00000000.safetensors")
     assert cached.foreground is not None and cached.foreground.shape[2:] == cached.input_latents.shape[2:]
+
+
+def test_uncached_steps_compute_the_mask_only_when_it_is_weighted(release: Path, dataset: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mask is a median over the whole video: a step at ``--foreground_weight 1`` skips it, a
+    weighted step computes it once and weighs with it."""
+    args = parse_args(train_argv(release, dataset, tmp_path, "--trainable_models", "dit"))
+    module = WanTrainingModule.from_args(args, load_pipeline(args))
+    calls = []
+    monkeypatch.setattr(wan_train.module, "foreground_mask", lambda video: calls.append(1) or foreground_mask(video))
+    sample = {"video": _square_clip(), "prompt": "a red square", "sample_seed": 7}
+    with torch.no_grad():
+        module(sample)
+        assert calls == []
+        module.foreground_weight = 5.0
+        loss = module(sample)
+        assert calls == [1]
+        torch.testing.assert_close(loss, module.loss(module.prepare_inputs(sample), 7))

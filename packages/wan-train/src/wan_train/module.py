@@ -311,7 +311,8 @@ class WanTrainingModule(nn.Module):
         """The mean loss of a sample or a batch of them: dataset samples (or cached inputs), each with its
         ``sample_seed``; a batch is one DiT call, and its loss the mean of the samples' own losses."""
         samples = [samples] if isinstance(samples, dict) else list(samples)
-        parts = [self.prepare_inputs(s) if s.get("cached") is None else s["cached"] for s in samples]
+        foreground = self.foreground_weight != 1.0
+        parts = [self.prepare_inputs(s, foreground) if s.get("cached") is None else s["cached"] for s in samples]
         inputs = TrainingInputs.stack(parts).to(self.pipeline.device)
         return self.loss(inputs, [s["sample_seed"] for s in samples])
 
@@ -331,8 +332,10 @@ class WanTrainingModule(nn.Module):
         return GenerationRequest(prompt=sample["prompt"], height=height, width=width, num_frames=len(frames),
                                  cfg_scale=1.0, tiled=False, **extras)
 
-    def prepare_inputs(self, sample: dict[str, Any]) -> TrainingInputs:
-        """Run the pipeline's units and encode the video: everything of a step but noise and timestep."""
+    def prepare_inputs(self, sample: dict[str, Any], foreground: bool = True) -> TrainingInputs:
+        """Run the pipeline's units and encode the video: everything of a step but noise and timestep.
+        ``foreground=False`` skips the foreground mask (a median over the whole video), which only a
+        ``foreground_weight`` other than 1 uses; caches always store it."""
         pipe, request = self.pipeline, self.request(sample)
         cond = Conditioning()
         # The units' networks are frozen, except a trainable motion controller (speed control).
@@ -342,13 +345,14 @@ class WanTrainingModule(nn.Module):
         with torch.no_grad():
             video = video_pixels(pipe, request, sample["video"], "video")
             latents = pipe.encode_video(video, request)
-            foreground = latent_foreground(foreground_mask(video), tuple(latents.shape[2:]))
+            mask = latent_foreground(foreground_mask(video), tuple(latents.shape[2:])) if foreground else None
             if request.vace_reference_image is not None:
                 reference = pipe.encode_video(reference_pixels(pipe, request), request)
                 latents = torch.cat([reference, latents], dim=2)
-                foreground = torch.cat([torch.zeros_like(foreground[:, :, :1]), foreground], dim=2)
+                if mask is not None:
+                    mask = torch.cat([torch.zeros_like(mask[:, :, :1]), mask], dim=2)
         return TrainingInputs(latents, cond.positive["context"], dict(cond.shared),
-                              request.vace_reference_image is not None, foreground)
+                              request.vace_reference_image is not None, mask)
 
     def loss(self, inputs: TrainingInputs, seeds: int | Sequence[int]) -> torch.Tensor:
         """``mse(dit(add_noise(x0, noise, t)), noise - x0) * weight(t)``, noise and ``t`` drawn from each
