@@ -33,3 +33,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread, as Ctrl-C does.
+
+    Python's default for SIGTERM ends the process at once, skipping ``finally`` blocks, so a write in
+    progress would leave its temp file behind; raised as an interrupt, :func:`atomic_path` removes it.
+    Commands that write call this once at start; it does nothing outside the main thread.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def raise_interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"terminated by signal {signum} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, raise_interrupt)

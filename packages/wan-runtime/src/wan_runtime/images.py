@@ -13,12 +13,31 @@ import torch
 from PIL import Image
 
 
+# Pillow's own ``convert("RGB")`` clips these modes' values to 0..255 instead of scaling them, so a
+# 16-bit greyscale PNG (0..65535) comes out almost white; they are scaled by their real range here.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, scaled by its real bit depth: 16-bit greyscale (modes ``I;16*`` and the
+    ``I`` Pillow opens 16-bit PNGs as) maps 0..65535 to 0..255, float greyscale (``F``) 0..1 to 0..255;
+    other modes convert as Pillow does."""
+    if image.mode in _WIDE_MODES:
+        pixels = np.asarray(image, dtype=np.float64) * (255.0 / _WIDE_MODES[image.mode])
+    elif image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64) * 255.0
+    else:
+        return image.convert("RGB")
+    grey = Image.fromarray(np.rint(np.clip(pixels, 0, 255)).astype(np.uint8), mode="L")
+    return grey.convert("RGB")
+
+
 def _as_image(image: Image.Image, name: str) -> Image.Image:
     if isinstance(image, (list, tuple)):
         raise TypeError(f"{name} must be one PIL image, got a sequence of {len(image)} items (a video?)")
     if not isinstance(image, Image.Image):
         raise TypeError(f"{name} must be a PIL image, got {type(image).__name__}")
-    return image.convert("RGB")
+    return to_rgb(image)
 
 
 def resize(image: Image.Image, width: int, height: int, name: str = "image") -> Image.Image:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .files import atomic_path
+from .images import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _check_frames(frames: Sequence[Image.Image]) -> tuple[int, int]:
 
 def _rgb_even(frame: Image.Image, width: int, height: int) -> np.ndarray:
     """``frame`` as an RGB uint8 array of even size, the last row/column repeated where odd."""
-    array = np.asarray(frame.convert("RGB"))
+    array = np.asarray(to_rgb(frame))
     pad = ((0, height % 2), (0, width % 2), (0, 0))
     return np.pad(array, pad, mode="edge") if height % 2 or width % 2 else array
 
@@ -121,8 +122,11 @@ def load_image(path: str | os.PathLike, height: int | None = None, width: int | 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path.absolute()}")
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            image = to_rgb(image)
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for files it cannot decode
+        raise ValueError(f"cannot read image {path}: {e}") from None
     return image if size is None else _crop_and_resize(image, *size)
 
 
