@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from .options import DTYPES, default_device, load_config, torch_dtype
+from .options import DTYPES, default_device, finite, load_config, torch_dtype
 
 CAMERA_DIRECTIONS = ("Left", "Right", "Up", "Down", "LeftUp", "LeftDown", "RightUp", "RightDown")
 SAMPLERS = ("euler", "unipc", "dpmpp")
@@ -66,17 +66,17 @@ def generate(
     image: Optional[Path] = typer.Option(None, "--image", help="First frame (I2V, FLF2V, Fun InP, camera)."),
     end_image: Optional[Path] = typer.Option(None, "--end-image", help="Last frame (FLF2V, Fun InP)."),
     video: Optional[Path] = typer.Option(None, "--video", help="Input video for video-to-video."),
-    denoising_strength: float = typer.Option(1.0, "--denoising-strength", min=0.0, max=1.0,
+    denoising_strength: float = typer.Option(1.0, "--denoising-strength", callback=finite, min=0.0, max=1.0,
                                              help="How much of --video to repaint (0..1)."),
     control_video: Optional[Path] = typer.Option(None, "--control-video", help="Fun Control video (depth, pose, ...)."),
     reference_image: Optional[Path] = typer.Option(None, "--reference-image", help="Fun V1.1 reference image."),
     camera_direction: Optional[str] = typer.Option(None, "--camera-direction",
                                                    help=f"Camera motion: {', '.join(CAMERA_DIRECTIONS)}."),
-    camera_speed: float = typer.Option(1 / 54, "--camera-speed", min=0.0, help="Camera speed per frame."),
+    camera_speed: float = typer.Option(1 / 54, "--camera-speed", callback=finite, min=0.0, help="Camera speed per frame."),
     vace_video: Optional[Path] = typer.Option(None, "--vace-video", help="VACE control/source video."),
     vace_mask: Optional[Path] = typer.Option(None, "--vace-mask", help="VACE mask video (white = generate)."),
     vace_reference: Optional[Path] = typer.Option(None, "--vace-reference", help="VACE reference image."),
-    vace_scale: float = typer.Option(1.0, "--vace-scale", help="Strength of the VACE hints."),
+    vace_scale: float = typer.Option(1.0, "--vace-scale", callback=finite, help="Strength of the VACE hints."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (same seed, same video)."),
     height: Optional[int] = typer.Option(None, "--height", min=16, help="Pixels; rounded up to a multiple of 16."
                                          " Default 480, or the embedded model's."),
@@ -86,9 +86,9 @@ def generate(
                                          " Default 81, or the embedded model's."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."
                                         " Default 50, or the embedded model's."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0, help="Classifier-free guidance (1 = off)."
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", callback=finite, min=0.0, help="Classifier-free guidance (1 = off)."
                                               " Default 5.0, or the embedded model's."),
-    sigma_shift: float = typer.Option(5.0, "--sigma-shift", help="Schedule time shift (> 0)."),
+    sigma_shift: float = typer.Option(5.0, "--sigma-shift", callback=finite, help="Schedule time shift (> 0)."),
     sampler: str = typer.Option("euler", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
     motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,
                                                    help="Speed control (with the speedcontrol model)."),
@@ -101,13 +101,13 @@ def generate(
     compile: bool = typer.Option(False, "--compile",  # named as the flag: --config keys are parameter names
                                  help="torch.compile each DiT block (the first step pays the compile time)."),
     lora: list[str] = typer.Option([], "--lora", help="LoRA file to merge into the DiT, PATH[:ALPHA]; repeatable."),
-    teacache: Optional[float] = typer.Option(None, "--teacache", min=0.0,
+    teacache: Optional[float] = typer.Option(None, "--teacache", callback=finite, min=0.0,
                                              help="TeaCache threshold (e.g. 0.05 to 0.2): skip near-duplicate steps."),
     teacache_model: Optional[str] = typer.Option(None, "--teacache-model",
                                                  help="TeaCache coefficients to use (default: --model's name)."),
     usp: bool = typer.Option(False, "--usp", help="Sequence parallel across the GPUs of a torchrun launch."),
     offload: bool = typer.Option(False, "--offload", help="Keep weights in CPU memory, stream layers to the GPU."),
-    vram_limit: Optional[float] = typer.Option(None, "--vram-limit", min=0.0,
+    vram_limit: Optional[float] = typer.Option(None, "--vram-limit", callback=finite, min=0.0,
                                                help="GB of GPU memory for resident weights (with --offload)."),
     fps: int = typer.Option(15, "--fps", min=1, help="Frames per second of the mp4."),
     quality: int = typer.Option(5, "--quality", min=0, max=10, help="mp4 quality 0..10 (10 best)."),
@@ -139,6 +139,14 @@ def generate(
         raise typer.BadParameter(f"{sigma_shift} must be > 0", param_hint="--sigma-shift")
     if output.suffix.lower() != ".mp4":
         raise typer.BadParameter(f"{output} must end in .mp4", param_hint="--output")
+    from wan_runtime.devices import resolve_device
+    from wan_runtime.files import check_writable
+
+    try:
+        check_writable(output)  # before hours of work, not after them
+        device = str(resolve_device(device or default_device(), None))
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--output" if isinstance(e, OSError) else "--device") from None
     window_size, window_stride = _sliding_window(sliding_window)
     loras = [_lora(value) for value in lora]
     if teacache is not None:
@@ -171,6 +179,7 @@ def generate(
         return (lambda x: x) if quiet else (lambda x: tqdm(x, desc=stage, unit=unit))
 
     with timer.stage("read"):
+        from wan_runtime.limits import RequestLimits
         from wan_runtime.request import GenerationRequest
 
         # The request rounds sizes (and says so); media are then read at the rounded size.
@@ -181,6 +190,8 @@ def generate(
             num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, motion_bucket_id=motion_bucket_id,
             tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride,
             tea_cache_l1_thresh=teacache, tea_cache_model_id=teacache_model or "")
+        limits = RequestLimits.from_env()
+        limits.check_size(request)  # before any file is read or network loaded
         size = dict(height=request.height, width=request.width)
         for field, path in (("input_image", image), ("end_image", end_image), ("reference_image", reference_image),
                             ("vace_reference_image", vace_reference)):
@@ -196,7 +207,7 @@ def generate(
 
         model_configs = [dataclasses.replace(c, offload_device="cpu") for c in model_configs]
     with timer.stage("load"):
-        pipe = WanVideoPipeline.from_pretrained(torch_dtype=dtype_, device=device or default_device(),
+        pipe = WanVideoPipeline.from_pretrained(torch_dtype=dtype_, device=device,
                                                 model_configs=model_configs,
                                                 tokenizer_config=source.tokenizer_config,
                                                 local_model_path=str(models_dir), use_usp=usp,
@@ -210,6 +221,11 @@ def generate(
             pipe.enable_vram_management(vram_limit=vram_limit)
         if compile:
             pipe.compile()
+    if pipe.vae is None:
+        from wan_models.configs import VAE_FILE
+
+        raise ValueError(f"{model} has no VAE ({VAE_FILE}), which decoding the video needs; add it to the folder")
+    pipe.limits = limits
     import torch
 
     with timer.stage("encode"), torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ def torch_dtype(name: str):
     if name not in DTYPES:
         raise typer.BadParameter(f"{name!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
     return getattr(torch, name)
+
+
+def finite(ctx: typer.Context, param: typer.CallbackParam, value: float | None) -> float | None:
+    """Option callback: ``nan`` and ``inf`` parse as floats but are never a meaningful setting."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number", param_hint="--" + param.name.replace("_", "-"))
+    return value
 
 
 def default_device() -> str:

@@ -35,8 +35,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """Check, before long work, that a file can be written at ``path``; returns it absolute.
+
+    ``path`` must not be a folder, its nearest existing ancestor must be a folder, and a file must be
+    creatable there (tried for real: permission bits say nothing for root or on read-only mounts).
+    Raises ``OSError`` naming ``path`` and the reason.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a file name inside it")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".wan-write-check.")
+    except OSError as e:
+        raise PermissionError(f"cannot write {path}: {folder} does not accept new files ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's ``KeyboardInterrupt`` (see :func:`interrupt_on_sigterm`).
+
+    ``Terminated.received`` stays true once one was raised, for entry points whose framework turns
+    every ``KeyboardInterrupt`` into one exit code (typer: 130) but that exit 143 for SIGTERM.
+    """
+
+    received = False
+
+
 def interrupt_on_sigterm() -> None:
-    """Make SIGTERM raise ``KeyboardInterrupt`` in the main thread, as Ctrl-C does.
+    """Make SIGTERM raise :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread, as Ctrl-C does.
 
     Python's default for SIGTERM ends the process at once, skipping ``finally`` blocks, so a write in
     progress would leave its temp file behind; raised as an interrupt, :func:`atomic_path` removes it.
@@ -49,6 +83,7 @@ def interrupt_on_sigterm() -> None:
         return
 
     def raise_interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"terminated by signal {signum} (SIGTERM)")
+        Terminated.received = True
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
 
     signal.signal(signal.SIGTERM, raise_interrupt)

@@ -41,6 +41,9 @@ from torch import nn
 from wan_models import WanDiT, read_state_dict
 from wan_models.formats.diffusers import DIT_KEYS
 
+from .finite import NonFiniteError, check_finite
+from .request import finite_number
+
 logger = logging.getLogger(__name__)
 
 LoraSource = str | os.PathLike | Mapping[str, torch.Tensor]
@@ -173,8 +176,12 @@ def _unprefixed(name: str) -> Iterator[str]:
 
 def _read(lora: LoraSource) -> tuple[dict[str, torch.Tensor], str]:
     if isinstance(lora, Mapping):
-        return dict(lora), "<state dict>"
-    return read_state_dict(lora), os.fspath(lora)
+        state, source = dict(lora), "<state dict>"
+    else:
+        state, source = read_state_dict(lora), os.fspath(lora)
+    for key, tensor in state.items():  # each tensor read once here, before anything is merged
+        check_finite(tensor, f"{source}: LoRA tensor {key!r}", "the file is damaged or was trained into NaN")
+    return state, source
 
 
 def parse_lora(lora: LoraSource, module: nn.Module) -> ParsedLora:
@@ -263,10 +270,20 @@ def _add(module: nn.Module, update: LoraUpdate, sign: float) -> None:
         return
     param = getattr(layer, attr)
     total = param.float() + sign * update.delta(param.shape, param.device)
+    _check_sum(total, update, param.dtype)
     if param.dtype.is_floating_point and param.dtype.itemsize == 1:  # float8: casting would overflow to NaN
         fp8_max = torch.finfo(param.dtype).max
         total = total.clamp(-fp8_max, fp8_max)
     param.copy_(total)
+
+
+def _check_sum(total: torch.Tensor, update: LoraUpdate, dtype: torch.dtype) -> None:
+    """The float32 sum must be finite, and a float16 parameter must be able to hold it (else it stores inf)."""
+    what, hint = f"{update.parameter} with the LoRA added (scale {update.scale:g})", "the LoRA or its strength " \
+        "is far too large for this network"
+    check_finite(total, what, hint)
+    if dtype == torch.float16 and float(total.abs().amax()) > torch.finfo(dtype).max:
+        raise NonFiniteError(f"{what} exceeds the float16 range (would be stored as inf); {hint}")
 
 
 def _add_fp8(layer: nn.Module, update: LoraUpdate, sign: float) -> None:
@@ -281,6 +298,7 @@ def _add_fp8(layer: nn.Module, update: LoraUpdate, sign: float) -> None:
     else:
         raise ValueError(f"{update.parameter}: an fp8 scale of shape {tuple(scale.shape)} is neither per "
                          f"tensor nor per output row of the {tuple(weight.shape)} weight")
+    _check_sum(weight, update, torch.float32)
     fp8_max = torch.finfo(weight_fp8.dtype).max
     new_scale = amax.clamp_min(_FP8_SCALE_FLOOR) / fp8_max
     weight_fp8.copy_((weight / new_scale).clamp(-fp8_max, fp8_max))
@@ -295,6 +313,7 @@ def merge_lora(module: nn.Module, lora: LoraSource, alpha: float = 1.0, strict: 
     the closest layer names, before anything is changed; ``strict=False`` logs and skips them (they
     are kept in the record's ``unmatched``). Returns the record :func:`unmerge_lora` takes.
     """
+    alpha = finite_number("alpha (the LoRA strength)", alpha)
     parsed = parse_lora(lora, module)
     source = parsed.source
     if parsed.unmatched:
@@ -309,8 +328,13 @@ def merge_lora(module: nn.Module, lora: LoraSource, alpha: float = 1.0, strict: 
     updates = [LoraUpdate(f"{name}.weight" if name else "weight", alpha * lr.scale, down=lr.down, up=lr.up)
                for name, lr in parsed.low_rank.items()]
     updates += [LoraUpdate(name, alpha, diff=diff) for name, diff in parsed.diffs.items()]
-    for update in updates:
-        _add(module, update, 1.0)
+    for done, update in enumerate(updates):
+        try:
+            _add(module, update, 1.0)
+        except NonFiniteError:
+            for applied in reversed(updates[:done]):  # leave the network as it was
+                _add(module, applied, -1.0)
+            raise
     logger.info("merged LoRA %s into %s with alpha=%g: %d low-rank layers, %d full deltas", source,
                 type(module).__name__, alpha, len(parsed.low_rank), len(parsed.diffs))
     return LoraMerge(source, alpha, tuple(updates), tuple(parsed.unmatched), weakref.ref(module))

@@ -22,7 +22,10 @@ from .acceleration import enable_kernels, optimize_for_cpu, quantize_fp8
 from .caching import MagCache, TeaCache
 from .compile import compile_blocks, is_compiled
 from .denoise import predict, predict_windows
+from .devices import resolve_device, resolve_dtype
+from .finite import NonFiniteError, check_finite, check_finite_tensors
 from .images import tensor_to_frames
+from .limits import RequestLimits
 from .lora import LoraMerge, LoraSource, merge_lora, unmerge_lora
 from .memory import Accountant, VramManager, manage_pipeline
 from .parallel import SequenceParallel, enable_usp, init_process_group
@@ -67,8 +70,9 @@ class WanVideoPipeline:
     """
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16) -> None:
-        self.device = torch.device(device)
-        self.torch_dtype = torch_dtype
+        self.device = resolve_device(device)
+        self.torch_dtype = resolve_dtype(torch_dtype)
+        self.limits = RequestLimits.from_env()  # size caps and memory check, run before any network
         self.dit: wan_models.WanDiT | None = None
         self.vae: WanVAE | None = None
         self.text_encoder: UMT5Encoder | None = None
@@ -119,6 +123,9 @@ class WanVideoPipeline:
         """
         from .model_config import ModelConfig, redirect_common_files as redirect
 
+        torch_dtype = resolve_dtype(torch_dtype)
+        if not use_usp:  # under USP the device is each rank's own GPU, chosen when the group starts
+            device = resolve_device(device)
         if use_usp:
             device = init_process_group(device)
         if tokenizer_config is None:
@@ -231,10 +238,16 @@ class WanVideoPipeline:
         """Set the schedule and run every unit: the DiT inputs of the first step."""
         if self.dit is None:
             raise ValueError("no DiT is loaded; pass its file in model_configs")
+        self.limits.check_size(request)
+        self.limits.check_memory(self, request)
         self._set_schedule(request)
         cond = Conditioning()
         for unit in self.units:
             unit(self, request, cond)
+        hint = "check the inputs (prompt_embeds, images, videos) and the loaded weights"
+        check_finite(cond.latents, "the initial latents", hint)
+        for name, inputs in (("shared", cond.shared), ("positive", cond.positive), ("negative", cond.negative)):
+            check_finite_tensors(inputs, f"the DiT input {name}", hint)
         return cond
 
     def _set_schedule(self, request: GenerationRequest) -> None:
@@ -266,6 +279,7 @@ class WanVideoPipeline:
             timestep = t.reshape(1).to(dtype=self.torch_dtype, device=self.device)
             velocity = self._velocity(request, cond, latents, timestep, caches)
             latents = self.scheduler.step(velocity.to(latents.dtype), t, latents)
+            self._check_step(latents, step, t)
             if step_callback is not None:
                 step_callback(step, t, latents)
         self.step_cache_skips = None if caches[0] is None else [cache.skipped for cache in caches]
@@ -273,6 +287,16 @@ class WanVideoPipeline:
             logger.info("%s skipped %s of %d steps (per CFG branch)", type(caches[0]).__name__,
                         "/".join(str(sum(c.skipped)) for c in caches), len(self.scheduler.timesteps))
         return latents[:, :, cond.leading_frames_to_drop:]
+
+    def _check_step(self, latents: torch.Tensor, step: int, t: torch.Tensor) -> None:
+        """Stop at the first step whose latents are not finite (one reduction and sync per step)."""
+        if bool(torch.isfinite(latents).all()):
+            return
+        steps = len(self.scheduler.timesteps)
+        raise NonFiniteError(
+            f"the latents went non-finite at denoising step {step + 1} of {steps} (timestep {float(t):.1f}); "
+            f"nothing was decoded. Likely causes: float16 overflow (use bfloat16 or float32), a LoRA or strength "
+            f"that blows the weights up, or an extreme cfg_scale")
 
     def _check_conditioning(self, cond: Conditioning) -> None:
         """An image-conditioned DiT needs its ``y``: say which input provides it, before any DiT work."""
@@ -322,6 +346,7 @@ class WanVideoPipeline:
         vae_dtype = next(self.vae.parameters()).dtype
         video = self.vae.decode(latents.to(device=self.device, dtype=vae_dtype), tiled=request.tiled,
                                 tile_size=request.tile_size, tile_stride=request.tile_stride)
+        check_finite(video, "the decoded video", "the VAE overflowed: load it in bfloat16 or float32")
         return tensor_to_frames(video)
 
     @torch.no_grad()
@@ -349,6 +374,9 @@ class WanVideoPipeline:
             raise TypeError(f"unknown arguments {sorted(unknown)}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
+        if output_type == "pil" and self.vae is None:
+            raise ValueError("decoding needs the VAE (Wan2.1_VAE.pth), which is not loaded; load it, or pass "
+                             "output_type='latent' for the latents")
         try:
             cond = self.prepare(request)
             latents = self.denoise(request, cond, progress_bar_cmd, step_callback)

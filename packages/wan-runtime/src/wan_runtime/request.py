@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Callable, Sequence
 
 from PIL import Image
+
+from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +67,21 @@ class GenerationRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._check_numbers()
         self._round_shape()
+
+    def _check_types(self) -> None:
+        """Text, flags and the noise device: a wrong type is an error naming the field, before any work."""
+        for name in ("prompt", "negative_prompt", "tea_cache_model_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"{name} must be a str, got {type(value).__name__} {value!r}"
+                                 + (" (pass '' for no prompt)" if value is None else ""))
+        for name in ("cfg_merge", "tiled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self.rand_device = str(resolve_device(self.rand_device, "rand_device"))
 
     def _check_numbers(self) -> None:
         def positive_int(name: str) -> None:
@@ -74,12 +91,22 @@ class GenerationRequest:
 
         for name in ("height", "width", "num_frames", "num_inference_steps"):
             positive_int(name)
-        if not 0.0 <= self.denoising_strength <= 1.0:
-            raise ValueError(f"denoising_strength must be in [0, 1], got {self.denoising_strength!r}")
-        if self.sigma_shift <= 0:
-            raise ValueError(f"sigma_shift must be > 0, got {self.sigma_shift!r}")
+        for name in ("cfg_scale", "vace_scale", "camera_control_speed"):
+            finite_number(name, getattr(self, name))
+        finite_number("denoising_strength", self.denoising_strength, low=0.0, high=1.0)
+        finite_number("sigma_shift", self.sigma_shift, low=0.0, low_open=True)
+        finite_number("mag_cache_retention_ratio", self.mag_cache_retention_ratio, low=0.0, high=1.0)
+        for name in ("tea_cache_l1_thresh", "mag_cache_thresh"):
+            if getattr(self, name) is not None:
+                finite_number(name, getattr(self, name), low=0.0)
+        for i, value in enumerate(self.camera_control_origin):
+            finite_number(f"camera_control_origin[{i}]", value)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.motion_bucket_id is not None and (isinstance(self.motion_bucket_id, bool)
+                                                  or not isinstance(self.motion_bucket_id, int)
+                                                  or self.motion_bucket_id < 0):
+            raise ValueError(f"motion_bucket_id must be a non-negative integer or None, got {self.motion_bucket_id!r}")
         if (self.sliding_window_size is None) != (self.sliding_window_stride is None):
             raise ValueError("sliding_window_size and sliding_window_stride go together; got "
                              f"{self.sliding_window_size!r} and {self.sliding_window_stride!r}")
@@ -99,8 +126,8 @@ class GenerationRequest:
             raise ValueError("mag_cache_thresh needs mag_cache_ratios from "
                              "wan_runtime.caching.calibrate_magcache(pipe, ...) for this model")
         if self.input_video is not None and self.denoising_strength == 1.0:
-            logger.info("input_video with denoising_strength=1.0 starts from pure noise: the video only "
-                        "sets the size; lower denoising_strength to keep its content")
+            logger.warning("input_video with denoising_strength=1.0 starts from pure noise: the video only "
+                           "sets the size; lower denoising_strength (e.g. 0.7) to keep its content")
 
     def _round_shape(self) -> None:
         for name, multiple, remainder, what in (("height", 16, 0, "a multiple of 16"),
@@ -119,6 +146,23 @@ class GenerationRequest:
     @property
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0
+
+
+def finite_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    """``value`` as a float, which must be a real, finite number within ``[low, high]`` (``(low`` with
+    ``low_open``); otherwise ``ValueError`` naming ``name`` and the value (a NaN or inf guidance scale
+    would otherwise make an all-black video)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        lower, upper = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
+        bounds = f"{'(' if low_open else '['}{lower}, {upper}]"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")
+    return float(value)
 
 
 ProgressBar = Callable[[Any], Any]

@@ -79,7 +79,14 @@ class Prompter:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given (an empty list)")
-        batch = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
+        cleaned = [clean_prompt(p) for p in prompts]
+        for text, ids in zip(cleaned, self.tokenizer(cleaned, add_special_tokens=True)["input_ids"]):
+            if len(ids) > self.text_len:
+                kept = self.tokenizer.decode(ids[:self.text_len - 1], skip_special_tokens=True)
+                logger.warning("a prompt is %d tokens long, but the text encoder reads %d: everything after "
+                               "...%r is ignored (%d tokens); shorten the prompt", len(ids), self.text_len,
+                               kept[-40:], len(ids) - self.text_len)
+        batch = self.tokenizer(cleaned, padding="max_length", truncation=True,
                                max_length=self.text_len, add_special_tokens=True, return_attention_mask=True,
                                return_tensors="pt")
         return batch["input_ids"].long(), batch["attention_mask"].long()

@@ -75,15 +75,19 @@ def save_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: floa
                        "row/column", width, height, width + width % 2, height + height % 2)
     import av  # imported on use: PyAV is only needed for reading and writing video files
 
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000),
-                                      options={"crf": str(crf)})
-        stream.width, stream.height = width + width % 2, height + height % 2
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            video_frame = av.VideoFrame.from_ndarray(_rgb_even(frame, width, height), format="rgb24")
-            container.mux(stream.encode(video_frame))
-        container.mux(stream.encode())
+    try:
+        with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(100000),
+                                          options={"crf": str(crf)})
+            stream.width, stream.height = width + width % 2, height + height % 2
+            stream.pix_fmt = "yuv420p"
+            for frame in frames:
+                video_frame = av.VideoFrame.from_ndarray(_rgb_even(frame, width, height), format="rgb24")
+                container.mux(stream.encode(video_frame))
+            container.mux(stream.encode())
+    except (OSError, av.FFmpegError) as e:  # name the user's path, not the temporary file
+        reason = getattr(e, "strerror", None) or str(e)
+        raise OSError(f"cannot write {path}: {reason}") from None
     logger.info("saved %d frames (%dx%d, %g fps, crf %d) to %s", len(frames), width, height, fps, crf, path)
     return path
 
