@@ -91,7 +91,7 @@ def test_unknown_network_and_corrupt_files(tmp_path) -> None:
     save_file(random_weights(build(TINY)), good)
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="truncated.safetensors: not a readable .safetensors"):
+    with pytest.raises(CheckpointError, match=r"truncated.safetensors: truncated: 157,988 of the 158,088 bytes"):
         wan_models.load_model(truncated)
     with pytest.raises(CheckpointError, match="not found"):
         wan_models.load_model(tmp_path / "missing.safetensors")

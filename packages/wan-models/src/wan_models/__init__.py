@@ -11,11 +11,12 @@ from .detect import detect_config, detect_network
 from .dit import DiTInputs, WanDiT
 from .dit_config import DiTConfig, MotionControllerConfig
 from .formats import convert, detect_format
-from .loading import CheckpointError, load_model, read_state_dict
+from .loading import CheckpointError, NonFiniteWeights, load_model, read_state_dict
 from .motion_controller import MotionController
 
 __all__ = [
     "MODELS", "CheckpointError", "DiTConfig", "DiTInputs", "ModelSpec", "MotionController", "MotionControllerConfig",
+    "NonFiniteWeights",
     "WanDiT", "detect_config", "detect_network", "get_attention_backend", "get_model_spec",
     "load_model", "loading", "read_state_dict", "set_attention_backend",
     "convert", "detect_format",

@@ -2,34 +2,39 @@
 
 Tensors come memory-mapped from the files (safetensors, or ``torch.load(mmap=True,
 weights_only=True)``) and become the module's parameters directly, so a checkpoint is never held
-twice; a dtype or device change converts one tensor at a time.
+twice; a dtype or device change converts one tensor at a time. Every file is checked to be whole
+(from its header or end record) before it is read, and the weights to be finite as they are placed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pickle
+import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from . import formats
+from . import config_json, formats, integrity
 from .detect import Network, detect_network
+from .errors import CheckpointError
+from .integrity import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | Path
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or that does not fit the network asked for."""
+class NonFiniteWeights(CheckpointError):
+    """Weights holding NaN/inf values; ``counts`` maps their keys to how many."""
+
+    def __init__(self, message: str, counts: Mapping[str, int]) -> None:
+        super().__init__(message)
+        self.counts = dict(counts)
 
 
 def checkpoint_files(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -59,22 +64,42 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
 
 
+def _torch_message(e: BaseException) -> str:
+    """torch's message on one line, without its advice to load with ``weights_only=False`` (which
+    would let the file run code) or to allowlist the classes it holds."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    kept = [s for s in sentences if not re.search(r"weights_only|safe_globals|allowlist", s)]
+    return " ".join(kept).strip() or type(e).__name__
+
+
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    # file_problem has already refused files that are neither a zip archive nor a pickle.
+    legacy = integrity.torch_file_kind(path) == "pickle"
+    if legacy:
+        logger.warning("%s uses the legacy torch.save format, which cannot be memory-mapped; reading it whole", path)
     try:
-        try:
-            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            logger.warning("%s uses the legacy torch.save format, which cannot be memory-mapped; "
-                           "reading it whole", path)
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refused to unpickle; the file holds more than tensors, which could run "
-                              f"code ({first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+        reason = _torch_message(e)
+        # torch names the first class it refuses, but a garbled legacy file can show it a made-up
+        # name, and a plain pickle can stop it earlier (at an opcode it lacks): legacy files are read
+        # with pickletools for the classes really named.
+        foreign = integrity.foreign_globals(path) if legacy else []
+        refused = "Unsupported global" in reason
+        if foreign or (refused and not legacy):
+            detail = ", ".join(foreign[:3]) if foreign else reason
+            raise CheckpointError(f"{path}: refused to unpickle: the file holds objects other than tensors, and "
+                                  f"loading them could run code ({detail})") from None
+        detail = f"{path.stat().st_size:,} bytes" if refused else reason
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: corrupt or truncated pickle data "
+                              f"({detail})") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: truncated: its pickle data ends early ({path.stat().st_size:,} bytes)") from None
+    except Exception as e:  # torch.load's decoders raise many kinds of error (IndexError, ...) on corrupt data
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_torch_message(e)})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -83,16 +108,23 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path_or_paths: PathLike | Sequence[PathLike]) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint (shards merged), memory-mapped rather than copied."""
+    """All tensors of a checkpoint (shards merged), memory-mapped rather than copied.
+
+    Each file is first checked from its header or end record (:func:`integrity.file_problem`), so
+    a truncated download is reported as such.
+    """
     state: dict[str, torch.Tensor] = {}
     for path in checkpoint_files(path_or_paths):
-        if path.suffix in SAFETENSORS_SUFFIXES:
-            part = _read_safetensors(path)
-        elif path.suffix in PICKLE_SUFFIXES:
-            part = _read_pickle(path)
-        else:
+        if path.suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
             raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected "
                                   f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}")
+        try:
+            problem = integrity.file_problem(path)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
+        part = _read_safetensors(path) if path.suffix in SAFETENSORS_SUFFIXES else _read_pickle(path)
         clash = state.keys() & part.keys()
         if clash:
             raise CheckpointError(f"{path}: keys also present in another shard, e.g. {sorted(clash)[:3]}")
@@ -128,21 +160,26 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, dtype: torch.dt
     """Assign ``sd`` (strictly checked) as the parameters of a ``meta``-built ``module``.
 
     Floating tensors are cast to ``dtype`` when given; ``sd`` is emptied as tensors move into place.
+    Each placed floating tensor is summed once on its device (no copy, no per-tensor GPU sync); a
+    non-finite sum is confirmed by counting, and NaN/inf weights raise :class:`NonFiniteWeights`.
     """
     check_state_dict(module, sd, source)
+    sums = {}
     for key in list(sd):
         tensor = sd.pop(key)
         target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        sd[key] = tensor.to(device=device, dtype=target)
+        sd[key] = placed = tensor.to(device=device, dtype=target)
+        if placed.is_floating_point():
+            sums[key] = integrity.finite_sum(placed)
+    if sums:
+        flagged = [key for key, ok in zip(sums, torch.isfinite(torch.stack(list(sums.values()))).tolist()) if not ok]
+        counts = integrity.non_finite((key, sd[key]) for key in flagged)
+        if counts:
+            sizes = {key: sd[key].numel() for key in counts}
+            raise NonFiniteWeights(f"{source}: {integrity.describe_non_finite(counts, sizes)}", counts)
     module.load_state_dict(sd, strict=True, assign=True)
     sd.clear()
     return module.eval()
-
-
-def _config_json(files: list[Path]) -> dict[str, Any]:
-    """The ``config.json`` beside a checkpoint (official DiT or diffusers), when there is one."""
-    path = files[0].parent / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @dataclasses.dataclass
@@ -155,6 +192,7 @@ class Checkpoint:
     config: Any
     state_dict: dict[str, torch.Tensor]  # official keys, as the network's module names them
     dtype: torch.dtype | None         # what fp8 weights were dequantised to (None: no fp8)
+    files: list[Path] = dataclasses.field(default_factory=list)
 
 
 def read_checkpoint(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
@@ -171,21 +209,33 @@ def read_checkpoint(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torc
     try:
         fmt = formats.detect_format(sd)
         sd = formats.to_official(sd, dtype)
+        found = detect_network(sd)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    found = detect_network(sd)
     if network is not None and found.name != network:
         raise CheckpointError(f"{source} holds a {found.name} network, not the {network} asked for")
     sd = found.module_keys(sd)
-    config_json = _config_json(files)
-    from_diffusers = formats.diffusers.is_diffusers_config(config_json)
-    hints = {}
-    if found.name == "dit" and not from_diffusers:
-        hints = {k: config_json[k] for k in ("num_heads", "text_len") if k in config_json}
-    config = found.config_from_state_dict(sd, **hints)
-    if from_diffusers:
-        config = dataclasses.replace(config, **formats.diffusers.config_fields(config_json, found.name))
-    return Checkpoint(source, fmt, found, config, sd, dtype)
+    try:
+        config = found.config_from_state_dict(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    config = config_json.config_for(files, found.name, config, source)
+    return Checkpoint(source, fmt, found, config, sd, dtype, files)
+
+
+def _non_finite_in_files(ckpt: Checkpoint, error: NonFiniteWeights) -> CheckpointError:
+    """The file and its own keys behind ``error`` (re-read one tensor at a time), or, when the
+    files are finite, the cast to ``ckpt.dtype`` that overflowed."""
+    for path in ckpt.files:
+        stored = read_state_dict(path)
+        counts = integrity.non_finite(stored.items())
+        if counts:
+            sizes = {key: stored[key].numel() for key in counts}
+            return NonFiniteWeights(f"{path}: {integrity.describe_non_finite(counts, sizes)}", counts)
+    if ckpt.dtype is None:
+        return error
+    return NonFiniteWeights(f"{error} after the cast to {ckpt.dtype} (the file's values are finite but beyond "
+                            "the range of that dtype)", error.counts)
 
 
 def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
@@ -195,11 +245,15 @@ def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dty
     The file may use the official, diffusers or ComfyUI key names; the network is detected from its
     keys. fp8 weights are dequantised to ``dtype`` (default: the dtype of the file's other weights).
     ``network`` ("dit", "vae", "t5", "clip", "motion_controller") makes a file holding another
-    network an error instead of a surprise.
+    network an error instead of a surprise. Weights holding NaN/inf raise :class:`NonFiniteWeights`
+    naming the file, the keys and the counts.
     """
     ckpt = read_checkpoint(path_or_paths, dtype=dtype, network=network)
     with torch.device("meta"):
         module = ckpt.network.module(ckpt.config)
     logger.info("loading %s (%s) from %s", type(module).__name__,
                 getattr(ckpt.config, "variant", ckpt.network.name), ckpt.source)
-    return load_into(module, ckpt.state_dict, dtype=ckpt.dtype, device=device, source=ckpt.source)
+    try:
+        return load_into(module, ckpt.state_dict, dtype=ckpt.dtype, device=device, source=ckpt.source)
+    except NonFiniteWeights as e:
+        raise _non_finite_in_files(ckpt, e) from None

@@ -18,6 +18,7 @@ module never imports diffusers.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import Any, Mapping, TypeVar
@@ -198,30 +199,69 @@ def is_diffusers_config(config_json: Mapping[str, Any]) -> bool:
     return config_json.get("_class_name") in TRANSFORMER_CLASSES + VAE_CLASSES
 
 
+# The config.json key of each config field that config_fields reads.
+CONFIG_KEYS = {"num_heads": "num_attention_heads", "eps": "eps", "vace_layers": "vace_layers",
+               "latents_mean": "latents_mean", "latents_std": "latents_std"}
+
+
+def positive_int(value: Any) -> int:
+    """``value`` if it is a positive JSON integer; ``ValueError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{value!r} is not a positive integer")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _numbers(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list")
+    return tuple(_number(v) for v in value)
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+        raise ValueError(f"{value!r} is not a list of layer indices")
+    return tuple(value)
+
+
+_CONVERTERS = {"num_heads": (positive_int, "a positive integer"), "eps": (_number, "a number"),
+               "vace_layers": (_layers, "a list of layer indices"), "latents_mean": (_numbers, "a list of numbers"),
+               "latents_std": (_numbers, "a list of numbers")}
+
+
+def _read_field(config_json: Mapping[str, Any], field: str) -> Any:
+    convert, expected = _CONVERTERS[field]
+    value = config_json[CONFIG_KEYS[field]]
+    try:
+        return convert(value)
+    except ValueError:
+        raise ValueError(f"\"{CONFIG_KEYS[field]}\" must be {expected}, got {json.dumps(value)}") from None
+
+
 def config_fields(config_json: Mapping[str, Any], network: str) -> dict[str, Any]:
     """The :class:`DiTConfig` (``network="dit"``) or :class:`VAEConfig` (``"vae"``) fields that a
     diffusers ``config.json`` states and the weights cannot show: the DiT's heads, eps and VACE
-    layer placement, the VAE's latent statistics."""
+    layer placement, the VAE's latent statistics. A value of the wrong type raises ``ValueError``
+    naming its key (see :data:`CONFIG_KEYS`)."""
     name = config_json.get("_class_name")
     expected = {"dit": TRANSFORMER_CLASSES, "vae": VAE_CLASSES}.get(network, ())
     if name not in expected:
         raise ValueError(f"a diffusers {name!r} config.json does not describe a {network} checkpoint")
     if network == "dit":
-        fields: dict[str, Any] = {}
-        if "num_attention_heads" in config_json:
-            fields["num_heads"] = int(config_json["num_attention_heads"])
-        if "eps" in config_json:
-            fields["eps"] = float(config_json["eps"])
-        if "vace_layers" in config_json:
-            fields["vace_layers"] = tuple(config_json["vace_layers"])
-        return fields
+        return {f: _read_field(config_json, f) for f in ("num_heads", "eps", "vace_layers")
+                if CONFIG_KEYS[f] in config_json}
     unsupported = {k: config_json[k] for k in ("is_residual", "patch_size") if config_json.get(k)}
     if config_json.get("decoder_base_dim") not in (None, config_json.get("base_dim")):
         unsupported["decoder_base_dim"] = config_json["decoder_base_dim"]
     unsupported |= {k: config_json[k] for k in ("in_channels", "out_channels") if config_json.get(k, 3) != 3}
     if unsupported:
         raise ValueError(f"AutoencoderKLWan with {unsupported} is not the Wan 2.1 VAE (Wan 2.2?)")
-    return {k: tuple(config_json[k]) for k in ("latents_mean", "latents_std") if k in config_json}
+    return {f: _read_field(config_json, f) for f in ("latents_mean", "latents_std") if CONFIG_KEYS[f] in config_json}
 
 
 def transformer_config(config: DiTConfig) -> dict[str, Any]:
