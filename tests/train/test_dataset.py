@@ -144,3 +144,92 @@ def test_bad_number_column(dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="column 'motion_bucket_id': 'fast' is not an integer"):
         _dataset(dataset, [{"video": "clip0.mp4", "prompt": "x", "motion_bucket_id": "fast"}], tmp_path,
                  extra_inputs=["motion_bucket_id"])
+
+
+# -- metadata files that are not what they seem: each an error naming the file and the line or row ----------
+
+
+def _metadata(tmp_path: Path, content: str | bytes) -> Path:
+    path = tmp_path / "metadata.csv"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
+
+
+def test_metadata_must_be_utf8_text(dataset: Path, tmp_path: Path) -> None:
+    expected = "the metadata must be a UTF-8 text file \\(CSV or JSON\\)"
+    binary = _metadata(tmp_path, (dataset / "still.png").read_bytes())  # a picture saved as metadata.csv
+    with pytest.raises(TrainingError, match=rf"metadata\.csv line 1: byte b'\\x89' is not UTF-8 text; {expected}"):
+        VideoDataset(str(dataset), str(binary))
+    latin1 = _metadata(tmp_path, "video,prompt\nclip0.mp4,a square\nclip1.mp4,un carré\n".encode("latin-1"))
+    with pytest.raises(TrainingError, match=rf"line 3: byte b'\\xe9' is not UTF-8 text; {expected}"):
+        VideoDataset(str(dataset), str(latin1))
+    utf16 = _metadata(tmp_path, "video,prompt\nclip0.mp4,a square\n".encode("utf-16"))  # Excel's "Unicode text"
+    with pytest.raises(TrainingError, match=rf"line 1: byte b'\\xff' is not UTF-8 text; {expected}"):
+        VideoDataset(str(dataset), str(utf16))
+    nul = _metadata(tmp_path, "video,prompt\nclip0.mp4,a square\nclip1.mp4,a\0 square\n")
+    with pytest.raises(TrainingError, match=rf"line 3: contains a NUL character, so it is not a text file"):
+        VideoDataset(str(dataset), str(nul))
+    json_file = tmp_path / "metadata.json"
+    json_file.write_bytes(b'[{"video": "clip0.mp4", "prompt": "\xff"}]')
+    with pytest.raises(TrainingError, match=rf"metadata\.json line 1: byte b'\\xff' is not UTF-8 text"):
+        VideoDataset(str(dataset), str(json_file))
+    # A UTF-8 BOM (Excel's "CSV UTF-8") is fine.
+    bom = _metadata(tmp_path, "\ufeffvideo,prompt\nclip0.mp4,a square\n")
+    assert VideoDataset(str(dataset), str(bom)).rows == [{"video": "clip0.mp4", "prompt": "a square"}]
+
+
+def test_unterminated_quote_is_found(dataset: Path, tmp_path: Path) -> None:
+    """The quote opened in row 1 runs to the end of the file: csv reads one sample whose prompt holds the
+    other rows. That is an error naming the row and quoting the swallowed line."""
+    merged = _metadata(tmp_path, 'video,prompt\nclip0.mp4,"a red square\nclip1.mp4,a green square\n'
+                                 'clip2.mp4,a blue box\n')
+    with pytest.raises(TrainingError, match=r"metadata\.csv row 1 \(line 2\) column 'prompt' runs over several lines, "
+                                            r"one of which looks like a row of its own: 'clip1\.mp4,a green square'; "
+                                            r"a quote is probably unterminated"):
+        VideoDataset(str(dataset), str(merged))
+    # ...also when it ends at a later quote, in a later row, with the file column not the first.
+    later = _metadata(tmp_path, 'prompt,video\n"a red\nsquare",clip0.mp4\n"a ""green"" square,clip1.mp4\n'
+                                'a blue box,clip2.mp4\n"a still picture",still.png\n')
+    with pytest.raises(TrainingError, match=r"row 2 \(line 4\) column 'prompt' .* of its own: 'a blue box,clip2\.mp4'"):
+        VideoDataset(str(dataset), str(later))
+    # Prompts that really run over lines are kept, commas and all.
+    fine = _metadata(tmp_path, 'video,prompt\nclip0.mp4,"a red square,\nthen a dog, running"\nclip1.mp4,x\n')
+    assert VideoDataset(str(dataset), str(fine)).rows[0]["prompt"] == "a red square,\nthen a dog, running"
+
+
+def test_csv_errors_name_the_line(dataset: Path, tmp_path: Path) -> None:
+    """An unterminated quote near the top of a long file: a field over csv's size limit."""
+    text = "video,prompt\nclip0.mp4,x\n" + 'clip1.mp4,"a green square\n' + "".join(
+        f"a prompt of row {i}\n" for i in range(8000))
+    with pytest.raises(TrainingError, match=r"metadata\.csv line \d+: field larger than field limit \(131072\); "
+                                            r"a quote is probably unterminated"):
+        VideoDataset(str(dataset), str(_metadata(tmp_path, text)))
+
+
+def test_rows_must_match_the_header(dataset: Path, tmp_path: Path) -> None:
+    more = _metadata(tmp_path, "video,prompt\nclip0.mp4,a square\n\nclip1.mp4,a red, square\n")
+    with pytest.raises(TrainingError, match=r"metadata\.csv row 2 \(line 4\): 3 fields, the header has 2; quote "
+                                            r"fields that contain a comma"):
+        VideoDataset(str(dataset), str(more))
+    fewer = _metadata(tmp_path, "video,prompt,control_video\nclip0.mp4,a square,clip1.mp4\nclip1.mp4\n")
+    with pytest.raises(TrainingError, match=r"row 2 \(line 3\): 1 field, the header has 3; no \['prompt', "
+                                            r"'control_video'\]"):
+        VideoDataset(str(dataset), str(fewer))
+
+
+def test_16_bit_greyscale_png_keeps_its_levels(tmp_path: Path) -> None:
+    """A 16-bit greyscale PNG (0..65535) loads scaled to 0..255, not clipped to white by convert("RGB")."""
+    levels = np.array([0, 257, 32896, 65535], dtype=np.uint16)  # -> 0, 1, 128, 255
+    pixels = np.repeat(np.repeat(levels, WIDTH // 4)[None, :], HEIGHT, axis=0)
+    Image.frombytes("I;16", (WIDTH, HEIGHT), pixels.astype("<u2").tobytes()).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:  # a real 16-bit PNG, read back with its levels
+        assert image.mode in ("I", "I;16") and np.array_equal(np.asarray(image), pixels)
+    write_csv(tmp_path / "m.csv", [{"video": "deep.png", "prompt": "grey bars"}])
+    data = VideoDataset(str(tmp_path), str(tmp_path / "m.csv"), num_frames=1, height=HEIGHT, width=WIDTH)
+    data.check(show_progress=False)
+    frame = np.asarray(data[0]["video"][0])
+    assert frame.shape == (HEIGHT, WIDTH, 3)
+    assert (frame == np.repeat(np.array([0, 1, 128, 255], dtype=np.uint8), WIDTH // 4)[None, :, None]).all()

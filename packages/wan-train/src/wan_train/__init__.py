@@ -11,6 +11,7 @@ import os
 from typing import Sequence
 
 from wan_models import CheckpointError
+from wan_runtime.files import Terminated, interrupt_on_sigterm
 from wan_runtime.model_config import ModelFilesMissing
 
 from .args import TrainingError, build_parser, parse_args
@@ -36,16 +37,30 @@ def _setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m wan_train [flags]``: train (or ``--cache_latents``); a bad input exits with status 2."""
+    """``python -m wan_train [flags]``: train (or ``--cache_latents``). A bad input or a failed write exits
+    with status 2, Ctrl-C with 130 and SIGTERM with 143, each with one error line; other errors are bugs."""
     _setup_logging()
+    interrupt_on_sigterm()
     try:
         args = parse_args(argv)
         if args.cache_latents:
             build_cache(args)
         else:
             train(args)
-    except (TrainingError, CheckpointError, ModelFilesMissing) as e:
-        logger.error("%s", e)
+    except KeyboardInterrupt as e:
+        reason = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        logger.error("%s: stopped; the files being written were removed, complete ones are kept (continue "
+                     "training with --resume)", reason)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+    except (ValueError, CheckpointError, ModelFilesMissing) as e:  # TrainingError is a ValueError
+        logger.error("%s", _one_line(e))
+        raise SystemExit(2) from None
+    except OSError as e:  # a file that cannot be read or written: permissions, a full disk
+        logger.error("%s", f"{e.filename}: {e.strerror}" if e.filename and e.strerror else _one_line(e))
         raise SystemExit(2) from None
     return 0

@@ -28,6 +28,7 @@ from wan_models import WanDiT
 from .args import TrainingError, split_list
 from .dataset import first_item, video_dataset
 from .module import TrainingInputs, WanTrainingModule, empty_prompt_context, load_pipeline
+from .outputs import atomic_write, check_output_folder
 from .state import save_weights
 
 logger = logging.getLogger(__name__)
@@ -107,14 +108,13 @@ class CachedDataset(torch.utils.data.Dataset):
 
 def build_cache(args: argparse.Namespace) -> Path:
     """Encode every metadata row once into ``--cache_latents``; processes split the rows between them."""
+    folder = check_output_folder(args.cache_latents, "--cache_latents")
     accelerator = Accelerator()
     show = accelerator.is_main_process and not args.disable_progress_bar
     dataset = video_dataset(args, repeat=1, show_progress=show)
     pipeline = load_pipeline(args, device=accelerator.device)
     module = WanTrainingModule(pipeline, extra_inputs=split_list(args.extra_inputs))
     module.check_extra_inputs()
-    folder = Path(args.cache_latents)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     rows = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     loader = DataLoader(Subset(dataset, rows), batch_size=1, collate_fn=first_item,
@@ -129,7 +129,7 @@ def build_cache(args: argparse.Namespace) -> Path:
         manifest = {"format": CACHE_FORMAT, "samples": len(dataset), "dit_variant": config.variant,
                     "dit_in_dim": config.in_dim, "source": dataset.source, "num_frames": args.num_frames,
                     "height": args.height, "width": args.width, "extra_inputs": split_list(args.extra_inputs)}
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2)))
         logger.info("cached %d samples in %s", len(dataset), folder)
     accelerator.end_training()
     return folder

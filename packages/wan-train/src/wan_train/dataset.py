@@ -10,13 +10,16 @@ resize, then crop). The target is ``--height x --width``, or with both empty the
 scaled down to at most ``--max_pixels`` and rounded down to multiples of 16.
 
 :meth:`VideoDataset.check` opens every file once before training, so that a missing column, a
-missing, unreadable or too short file is an error naming the file, not a crash hours later.
+missing, unreadable or too short file is an error naming the file, not a crash hours later. The
+metadata is checked as it is read: UTF-8 text, as many fields in every row as in the header, and no
+field running on over lines that look like rows of their own (an unterminated quote).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -28,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from wan_runtime.images import to_rgb
 from wan_runtime.video_io import load_video
 
 from .args import FRAMES_INPUTS, IMAGE_INPUTS, NUMBER_INPUTS, TrainingError, split_list
@@ -76,7 +80,64 @@ def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.crop((left, top, left + width, top + height))
 
 
-def _read_metadata(base: Path, metadata_path: str | None) -> tuple[list[dict[str, Any]], str]:
+def _read_text(path: Path, expected: str = "the metadata must be a UTF-8 text file (CSV or JSON)") -> str:
+    """The file as text: UTF-8 (a BOM is dropped), no NUL characters; else an error saying ``expected``."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TrainingError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TrainingError(f"{path} line {line}: byte {data[e.start:e.start + 1]!r} is not UTF-8 text; "
+                            f"{expected}") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise TrainingError(f"{path} line {line}: contains a NUL character, so it is not a text file (UTF-16?); "
+                            f"{expected}")
+    return text
+
+
+def _looks_like_row(line: str, file_columns: list[int]) -> bool:
+    """Whether ``line`` parses as a metadata row: two fields or more, a video/image file name in a file column."""
+    fields = next(csv.reader([line]), [])
+    media = VIDEO_EXTENSIONS + IMAGE_EXTENSIONS
+    return len(fields) >= 2 and any(i < len(fields) and _suffix(fields[i].strip()) in media for i in file_columns)
+
+
+def _read_csv(path: Path, file_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of a metadata CSV, each checked: as many fields as the header, no other row swallowed."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    rows: list[dict[str, Any]] = []
+    try:
+        header = next(reader, [])
+        file_columns = [i for i, name in enumerate(header) if name in file_keys]
+        end = reader.line_num
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if not fields:  # a blank line
+                continue
+            where = f"{path} row {len(rows) + 1} (line {start})"
+            if len(fields) != len(header):
+                hint = ("quote fields that contain a comma" if len(fields) > len(header)
+                        else f"no {header[len(fields):]}")
+                raise TrainingError(f"{where}: {len(fields)} field{'s' * (len(fields) != 1)}, the header has "
+                                    f"{len(header)}; {hint}")
+            for name, value in zip(header, fields):
+                swallowed = next((text for text in value.splitlines()[1:] if _looks_like_row(text, file_columns)),
+                                 None)
+                if swallowed is not None:
+                    raise TrainingError(f"{where} column {name!r} runs over several lines, one of which looks like "
+                                        f"a row of its own: {swallowed[:80]!r}; a quote is probably unterminated")
+            rows.append(dict(zip(header, fields)))
+    except csv.Error as e:
+        raise TrainingError(f"{path} line {reader.line_num}: {e}; a quote is probably unterminated") from None
+    return rows
+
+
+def _read_metadata(base: Path, metadata_path: str | None,
+                   file_keys: Sequence[str] = ("image", "video")) -> tuple[list[dict[str, Any]], str]:
     """Rows (dicts) of the metadata file, or generated from ``name.ext`` + ``name.txt`` pairs; and where from."""
     if metadata_path is None:
         rows = []
@@ -84,7 +145,8 @@ def _read_metadata(base: Path, metadata_path: str | None) -> tuple[list[dict[str
         for path in media:
             prompt = path.with_suffix(".txt")
             if prompt.is_file():
-                rows.append({"video": path.name, "prompt": prompt.read_text(encoding="utf-8").strip()})
+                text = _read_text(prompt, "prompt files must be UTF-8 text")
+                rows.append({"video": path.name, "prompt": text.strip()})
         if not rows:
             raise TrainingError(f"no --dataset_metadata_path given and {base} holds no video/image with a same-named "
                                 ".txt prompt beside it; write a metadata.csv with video and prompt columns")
@@ -94,14 +156,13 @@ def _read_metadata(base: Path, metadata_path: str | None) -> tuple[list[dict[str
         raise TrainingError(f"metadata file not found: {path.absolute()}")
     if _suffix(path) == "json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise TrainingError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise TrainingError(f"{path}: expected a JSON list of objects, one per sample")
     else:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        rows = _read_csv(path, file_keys)
     if not rows:
         raise TrainingError(f"{path} lists no samples")
     return rows, str(path)
@@ -121,11 +182,11 @@ class VideoDataset(torch.utils.data.Dataset):
         self.base = Path(base_path)
         if not self.base.is_dir():
             raise TrainingError(f"--dataset_base_path {self.base.absolute()} is not a folder")
-        self.rows, self.source = _read_metadata(self.base, metadata_path)
+        self.file_keys = list(data_file_keys)
+        self.rows, self.source = _read_metadata(self.base, metadata_path, self.file_keys)
         self.num_frames = num_frames
         self.fixed_size = None if height is None else (width, height)
         self.max_pixels = max_pixels
-        self.file_keys = list(data_file_keys)
         self.repeat = repeat
         self.extra_inputs = list(extra_inputs)
         self.target = self._check_columns()
@@ -215,7 +276,7 @@ class VideoDataset(torch.utils.data.Dataset):
         """The file's frames at ``size``, or (``None``) at the target size of its first frame."""
         if _suffix(path) in IMAGE_EXTENSIONS:
             with Image.open(path) as image:
-                frames = [image.convert("RGB")]
+                frames = [to_rgb(image)]
         else:
             try:
                 frames = load_video(path, self.num_frames)

@@ -3,9 +3,10 @@
 Every file is written under a temporary name and renamed into place, so a run killed at any moment
 leaves complete files only. The resume state is a folder ``train_state/state-e<epoch>-b<batch>/``
 with the trainable weights, optimizer, progress (which sets the learning rate) and each process's
-RNG state; the
+RNG state, written as ``<name>.partial`` and renamed when complete (removed when a write fails); the
 file ``train_state/latest`` names the newest complete one, and older ones are deleted after it.
 Under DeepSpeed the weights and (sharded) optimizer go through the engine's own checkpoint.
+A failed write (full disk, size limit) is a :class:`TrainingError` naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +27,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from .args import TrainingError
+from .outputs import atomic_write, writing
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +48,10 @@ class Progress:
     step: int = 0
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """``write(temporary_path)``, then rename it to ``path`` (same folder, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
     """A safetensors file of ``tensors`` (moved to the CPU), written atomically."""
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
-    _write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt", **(metadata or {})}))
     logger.debug("saved %d tensors to %s", len(cpu), path)
     return path
 
@@ -98,33 +86,57 @@ def save_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
     root = Path(output_path) / STATE_DIR
     name = f"state-e{progress.epoch:04d}-b{progress.batch:09d}"
     partial, final = root / f"{name}.partial", root / name
+    try:
+        _write_state(accelerator, model, optimizer, progress, partial, ema)
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            with writing(final):
+                os.replace(partial, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
-    elif accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        save_file(trainable, str(partial / "weights.safetensors"))
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    if ema is not None and accelerator.is_main_process:
-        save_file(ema.state_dict(), str(partial / EMA_FILE))
-    torch.save(_rng_state(), partial / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        record = {**asdict(progress), "num_processes": accelerator.num_processes}
-        (partial / "progress.json").write_text(json.dumps(record, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        _write_atomic(root / LATEST, lambda tmp: Path(tmp).write_text(name))
+        atomic_write(root / LATEST, lambda tmp: tmp.write_text(name))
         for old in root.glob("state-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
         logger.info("resume state saved to %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, progress: Progress,
+                 partial: Path, ema: Any) -> None:
+    """Every file of the resume state into the folder ``partial`` (collective)."""
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        with writing(partial):
+            partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        with writing(partial):
+            model.save_checkpoint(str(partial), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    elif accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        with writing(partial / "weights.safetensors"):
+            save_file(trainable, str(partial / "weights.safetensors"))
+        optimizer_state = optimizer.state_dict()
+        with writing(partial / "optimizer.pt"):
+            torch.save(optimizer_state, partial / "optimizer.pt")
+    if ema is not None and accelerator.is_main_process:
+        ema_state = ema.state_dict()
+        with writing(partial / EMA_FILE):
+            save_file(ema_state, str(partial / EMA_FILE))
+    rng = _rng_state()
+    with writing(partial / f"rng-{accelerator.process_index}.pt"):
+        torch.save(rng, partial / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = {**asdict(progress), "num_processes": accelerator.num_processes}
+        with writing(partial / "progress.json"):
+            (partial / "progress.json").write_text(json.dumps(record, indent=2))
 
 
 def find_state(resume: str, output_path: str | Path) -> Path:

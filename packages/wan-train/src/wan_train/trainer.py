@@ -38,6 +38,7 @@ from .configs import deepspeed_config
 from .dataset import VideoDataset, video_dataset
 from .ema import EMA
 from .module import WanTrainingModule, load_pipeline, sample_seed
+from .outputs import append_line, check_output_folder
 from .state import EMA_FILE, Progress, find_state, load_state, save_state, save_weights
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def _moving_average(accelerator: Accelerator, module: WanTrainingModule, decay: 
 def train(args: argparse.Namespace,
           on_step: Callable[[Progress, float], None] | None = None) -> TrainResult:
     """Train as the flags say; ``on_step(progress, loss)`` is called after every optimizer step."""
+    check_output_folder(args.output_path, "--output_path")
     # Everything is loaded (on the CPU) and checked before the Accelerator, which must know whether
     # DDP has to look for unused parameters.
     show = int(os.environ.get("RANK", "0")) == 0 and not args.disable_progress_bar
@@ -192,8 +194,6 @@ def train(args: argparse.Namespace,
             ema.load(state / EMA_FILE)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     log_path = Path(args.output_path) / LOG_FILE
-    if accelerator.is_main_process:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=steps_per_epoch * args.num_epochs, initial=progress.step, disable=not show, desc="training")
     for epoch in range(progress.epoch, args.num_epochs):
         loader.set_epoch(epoch)  # accelerate's loader passes its epoch to the sampler on every pass
@@ -224,8 +224,7 @@ def train(args: argparse.Namespace,
             bar.update(1)
             if accelerator.is_main_process:
                 record = {"epoch": epoch, "step": progress.step, "loss": mean, "lr": lr}
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(log_path, json.dumps(record))
             if args.save_steps and progress.step % args.save_steps == 0:
                 result.checkpoints.append(_export(accelerator, model, args, f"step-{progress.step}", ema))
                 save_state(accelerator, model, optimizer, progress, args.output_path, ema)

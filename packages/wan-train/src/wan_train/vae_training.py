@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from wan_models.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, VAEConfig, WanVAE
 
 from .foreground import foreground_mask, weighted
+from .outputs import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -267,11 +268,8 @@ def frame_by_frame_init(vae: WanVAE) -> WanVAE:
 
 def save_vae(vae: WanVAE, path: Path) -> Path:
     """The weights as a released-layout ``.pth`` (float32), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}, tmp)
-    tmp.replace(path)
-    return path
+    weights = {k: v.detach().float().contiguous() for k, v in vae.state_dict().items()}
+    return atomic_write(path, lambda tmp: torch.save(weights, tmp))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
