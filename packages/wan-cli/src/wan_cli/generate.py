@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,8 @@ def _lora(value: str) -> tuple[Path, float]:
         strength = float(alpha) if alpha else 1.0
     except ValueError:
         path, strength = value, 1.0
+    if not math.isfinite(strength):
+        raise typer.BadParameter(f"{value!r}: the strength {alpha} is not a finite number", param_hint="--lora")
     if not Path(path).is_file():
         raise typer.BadParameter(f"no LoRA file {path!r} (expected PATH[:ALPHA])", param_hint="--lora")
     return Path(path), strength

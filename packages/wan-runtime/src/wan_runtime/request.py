@@ -125,9 +125,6 @@ class GenerationRequest:
         if self.mag_cache_thresh is not None and self.mag_cache_ratios is None:
             raise ValueError("mag_cache_thresh needs mag_cache_ratios from "
                              "wan_runtime.caching.calibrate_magcache(pipe, ...) for this model")
-        if self.input_video is not None and self.denoising_strength == 1.0:
-            logger.warning("input_video with denoising_strength=1.0 starts from pure noise: the video only "
-                           "sets the size; lower denoising_strength (e.g. 0.7) to keep its content")
 
     def _round_shape(self) -> None:
         for name, multiple, remainder, what in (("height", 16, 0, "a multiple of 16"),

@@ -80,7 +80,7 @@ class Prompter:
         if not prompts:
             raise ValueError("no prompt given (an empty list)")
         cleaned = [clean_prompt(p) for p in prompts]
-        for text, ids in zip(cleaned, self.tokenizer(cleaned, add_special_tokens=True)["input_ids"]):
+        for text, ids in zip(cleaned, self.tokenizer(cleaned, add_special_tokens=True, verbose=False)["input_ids"]):
             if len(ids) > self.text_len:
                 kept = self.tokenizer.decode(ids[:self.text_len - 1], skip_special_tokens=True)
                 logger.warning("a prompt is %d tokens long, but the text encoder reads %d: everything after "

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import Conditioning
 from .image import video_pixels
 from .vace import reference_pixels
+
+logger = logging.getLogger(__name__)
 
 
 def initial_noise(pipe, request, cond: Conditioning) -> None:
@@ -31,8 +35,10 @@ def input_video(pipe, request, cond: Conditioning) -> None:
     if request.input_video is None:
         return
     pixels = video_pixels(pipe, request, request.input_video, "input_video")
-    if request.denoising_strength == 1.0:
-        return  # the schedule starts at sigma 1: pure noise, nothing of the video is kept (any sampler)
+    if request.denoising_strength == 1.0:  # the schedule starts at sigma 1: nothing of the video is kept
+        logger.warning("input_video with denoising_strength=1.0 starts from pure noise: the video only sets the "
+                       "size; lower denoising_strength (--denoising-strength), e.g. 0.7, to keep its content")
+        return
     latents = pipe.encode_video(pixels, request)
     if request.vace_reference_image is not None:
         reference = pipe.encode_video(reference_pixels(pipe, request), request, tiled=False)
