@@ -1,24 +1,31 @@
 """ModelConfig: local paths, patterns resolved in the released layout, downloads of only what is missing,
-the offline error, common-file redirects and rank-0-only downloads."""
+truncated files counted as missing (download manifest, headers), the offline error, common-file
+redirects and rank-0-only downloads."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import logging
+import shutil
 import sys
 import time
 import types
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+from safetensors.torch import save as safetensors_bytes
 
 from wan_runtime import tiny_release
 from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
-from wan_runtime import model_config
-from wan_runtime.model_config import ModelConfig, ModelFilesMissing, redirect_common_files
+from wan_runtime import manifest, model_config
+from wan_runtime.model_config import ModelConfig, ModelFilesMissing, missing_files, redirect_common_files
 
 T2V = "Wan-AI/Wan2.1-T2V-1.3B"
+DIT = "diffusion_pytorch_model.safetensors"
 I2V = "Wan-AI/Wan2.1-I2V-14B-480P"
 PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
                    "no_proxy", "NO_PROXY")
@@ -32,13 +39,39 @@ def models_root(tmp_path_factory) -> Path:
     return root
 
 
+ORIGINS = ("local", "downloaded")
+
+
+def _content(rel: str, origin: str) -> bytes:
+    """What a real file of this name could hold (a tiny .safetensors, a torch zip, text), marked with ``origin``."""
+    marker = torch.full((4,), float(ORIGINS.index(origin)))
+    if rel.endswith(".safetensors"):
+        return safetensors_bytes({"w": marker})
+    if rel.endswith(".pth"):
+        buffer = io.BytesIO()
+        torch.save({"w": marker}, buffer)
+        return buffer.getvalue()
+    return origin.encode()
+
+
+def _origin(path: Path) -> str:
+    """Which :func:`_content` wrote ``path``."""
+    if path.suffix in (".safetensors", ".pth"):
+        from wan_models import read_state_dict
+
+        return ORIGINS[int(read_state_dict(path)["w"][0])]
+    return path.read_text()
+
+
 class FakeHub:
-    """Stands in for ``modelscope.snapshot_download``: records each call and writes the files asked for."""
+    """Stands in for ``modelscope.snapshot_download`` and ``HubApi().get_model_files``: records each
+    download and writes the files asked for; lists each file's size and sha256."""
 
     def __init__(self, repo_files: list[str], fail: Exception | None = None) -> None:
         self.repo_files = repo_files
         self.fail = fail
         self.calls: list[dict] = []
+        self.cut: dict[str, int] = {}  # file -> bytes a download writes of it (a download cut short)
 
     def snapshot_download(self, model_id, local_dir=None, allow_file_pattern=None, ignore_file_pattern=None,
                           **kwargs) -> str:
@@ -53,8 +86,14 @@ class FakeHub:
             ignored = any(fnmatch.fnmatch(rel, p) for p in ignore_file_pattern or [])
             if allowed and not ignored:
                 (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
-                (Path(local_dir) / rel).write_text("downloaded")
+                (Path(local_dir) / rel).write_bytes(_content(rel, "downloaded")[: self.cut.get(rel)])
         return local_dir
+
+    def get_model_files(self, model_id, recursive=False, **kwargs) -> list[dict]:
+        assert recursive
+        files = [{"Path": rel, "Size": len(data := _content(rel, "downloaded")),
+                  "Sha256": hashlib.sha256(data).hexdigest()} for rel in self.repo_files]
+        return files + [{"Path": "google", "Type": "tree", "Size": 0}]
 
 
 @pytest.fixture
@@ -64,6 +103,7 @@ def hub(monkeypatch) -> FakeHub:
                     "google/umt5-xxl/spiece.model", "google/umt5-xxl/tokenizer.json"])
     module = types.ModuleType("modelscope")
     module.snapshot_download = fake.snapshot_download
+    module.HubApi = lambda: fake
     monkeypatch.setitem(sys.modules, "modelscope", module)
     monkeypatch.setattr(model_config, "_hub_unreachable", lambda endpoint, timeout: None)
     return fake
@@ -72,7 +112,7 @@ def hub(monkeypatch) -> FakeHub:
 def _touch(folder: Path, *names: str) -> None:
     for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text("local")
+        (folder / name).write_bytes(_content(name, "local"))
 
 
 # ---------------------------------------------------------------- local paths
@@ -160,7 +200,7 @@ def test_downloads_only_the_missing_files_into_root_model_id(tmp_path, hub):
     call = hub.calls[0]
     assert call["model_id"] == T2V and call["local_dir"] == str(repo.absolute())
     assert call["allow_file_pattern"] == [DIT_FILES, T5_FILE]
-    assert (repo / VAE_FILE).read_text() == "local"
+    assert _origin(repo / VAE_FILE) == "local"
     assert config.path is None  # resolve() leaves the config as it was
 
 
@@ -177,7 +217,7 @@ def test_download_skips_present_files_of_a_folder_or_shard_set(tmp_path, hub):
     assert [p.name for p in found] == [f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2)]
     assert hub.calls[-1]["allow_file_pattern"] == ["diffusion_pytorch_model-*.safetensors"]
     assert hub.calls[-1]["ignore_file_pattern"] == ["diffusion_pytorch_model-00001-of-00002.safetensors"]
-    assert (repo / "diffusion_pytorch_model-00001-of-00002.safetensors").read_text() == "local"
+    assert _origin(repo / "diffusion_pytorch_model-00001-of-00002.safetensors") == "local"
 
 
 def test_download_of_a_folder_pattern_and_the_whole_repository(tmp_path, hub):
@@ -242,6 +282,101 @@ def test_only_modelscope_downloads(tmp_path, hub):
     with pytest.raises(ModelFilesMissing, match="download_resource='HuggingFace' is not supported"):
         ModelConfig(model_id=T2V, origin_file_pattern=VAE_FILE, download_resource="HuggingFace").resolve(tmp_path)
     assert hub.calls == []
+
+
+# ---------------------------------------------------------------- incomplete files
+
+
+def test_download_keeps_the_hubs_file_list_as_manifest(tmp_path, hub):
+    ModelConfig(model_id=T2V, origin_file_pattern=VAE_FILE).resolve(tmp_path)
+    entries = manifest.read(tmp_path / T2V)
+    assert sorted(entries) == sorted(hub.repo_files)  # the folder entry is left out
+    data = _content(VAE_FILE, "downloaded")
+    assert entries[VAE_FILE] == manifest.Entry(len(data), hashlib.sha256(data).hexdigest())
+    assert (tmp_path / T2V / manifest.NAME).is_file()
+    assert manifest.from_listing([{"Path": "a.bin", "Size": 3, "Sha256": "not a hash"}, {"Path": "", "Size": 1},
+                                  {"Path": "b", "Size": True}]) == {"a.bin": manifest.Entry(3), "b": manifest.Entry(None)}
+
+
+def test_a_truncated_file_is_downloaded_again(tmp_path, hub):
+    repo = tmp_path / T2V
+    _touch(repo, VAE_FILE, DIT)
+    (repo / VAE_FILE).write_bytes((repo / VAE_FILE).read_bytes()[:-30])  # no manifest yet: its zip end record is gone
+    found = ModelConfig(model_id=T2V, origin_file_pattern=[VAE_FILE, DIT]).resolve(tmp_path)
+    assert found == [repo / VAE_FILE, repo / DIT]
+    assert hub.calls[-1]["allow_file_pattern"] == [VAE_FILE] and hub.calls[-1]["ignore_file_pattern"] is None
+    assert _origin(repo / VAE_FILE) == "downloaded" and _origin(repo / DIT) == "local"
+    # With the manifest, a text file cut short is caught by its size.
+    spiece, tokenizer = repo / "google/umt5-xxl/spiece.model", repo / "google/umt5-xxl/tokenizer.json"
+    tokenizer.parent.mkdir(parents=True)
+    tokenizer.write_text("downloaded")
+    spiece.write_text("dow")
+    assert missing_files(repo, [T5_TOKENIZER]) == {T5_TOKENIZER: "google/umt5-xxl/spiece.model is truncated: 3 of 10 bytes"}
+    ModelConfig(model_id=T2V, origin_file_pattern=T5_TOKENIZER).resolve(tmp_path)
+    assert spiece.read_text() == "downloaded"
+    assert hub.calls[-1]["ignore_file_pattern"] == ["google/umt5-xxl/tokenizer.json"]
+
+
+def test_a_download_cut_short_is_never_complete(tmp_path, hub):
+    hub.cut[VAE_FILE] = 100
+    with pytest.raises(ModelFilesMissing) as info:
+        ModelConfig(model_id=T2V, origin_file_pattern=VAE_FILE).resolve(tmp_path)
+    size = len(_content(VAE_FILE, "downloaded"))
+    assert f"missing: {VAE_FILE} (truncated: 100 of {size:,} bytes)" in str(info.value)
+    assert "not downloaded because the download left them incomplete (interrupted? run it again)" in str(info.value)
+    assert info.value.missing == [VAE_FILE]
+
+
+def test_offline_the_error_names_the_truncated_file_and_its_size(models_root, tmp_path):
+    repo = tmp_path / I2V
+    shutil.copytree(models_root / I2V, repo)
+    shard = repo / "diffusion_pytorch_model-00002-of-00003.safetensors"
+    whole = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[:40_000])
+    config = ModelConfig(model_id=I2V, origin_file_pattern=[DIT_FILES, VAE_FILE])
+    with pytest.raises(ModelFilesMissing) as info:
+        config.resolve(tmp_path, skip_download=True)
+    assert info.value.missing == [DIT_FILES]
+    assert (f"missing: {DIT_FILES} ({shard.name} is truncated: 40,000 of the {whole:,} bytes its header describes)"
+            in str(info.value))
+    # With a manifest, the size it lists is the one compared.
+    manifest.write(repo, I2V, {shard.name: manifest.Entry(whole)})
+    with pytest.raises(ModelFilesMissing, match=rf"{shard.name} is truncated: 40,000 of {whole:,} bytes\)"):
+        config.resolve(tmp_path, skip_download=True)
+
+
+def test_verify_compares_the_sha256(tmp_path, hub):
+    ModelConfig(model_id=T2V, origin_file_pattern=DIT).resolve(tmp_path)
+    path = tmp_path / T2V / DIT
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size, same header: only the hash tells
+    path.write_bytes(bytes(data))
+    assert ModelConfig(model_id=T2V, origin_file_pattern=DIT).resolve(tmp_path, skip_download=True) == [path]
+    with pytest.raises(ModelFilesMissing, match=r"missing: diffusion_pytorch_model.safetensors \(corrupt: its sha256 "
+                                                r"differs from the hub's\)"):
+        ModelConfig(model_id=T2V, origin_file_pattern=DIT).resolve(tmp_path, skip_download=True, verify=True)
+    ModelConfig(model_id=T2V, origin_file_pattern=DIT).resolve(tmp_path, verify=True)  # fetched again
+    assert path.read_bytes() == _content(DIT, "downloaded")
+
+
+def test_files_the_manifest_lists_must_all_be_there(tmp_path, hub):
+    repo = tmp_path / T2V
+    ModelConfig(model_id=T2V, origin_file_pattern=T5_TOKENIZER).resolve(tmp_path)
+    (repo / "google/umt5-xxl/tokenizer.json").unlink()  # a folder download interrupted half-way
+    assert missing_files(repo, [T5_TOKENIZER, VAE_FILE]) == {
+        T5_TOKENIZER: "absent: google/umt5-xxl/tokenizer.json", VAE_FILE: ""}
+
+
+def test_a_hub_without_file_list_still_downloads(tmp_path, hub, caplog):
+    def refuse(*args, **kwargs):
+        raise ConnectionError("listing refused")
+
+    hub.get_model_files = refuse
+    with caplog.at_level(logging.WARNING, logger="wan_runtime.model_config"):
+        assert ModelConfig(model_id=T2V, origin_file_pattern=VAE_FILE).resolve(tmp_path)
+    assert "could not list the files of Wan-AI/Wan2.1-T2V-1.3B on ModelScope (ConnectionError: listing refused)" in (
+        caplog.text)
+    assert not (tmp_path / T2V / manifest.NAME).exists()
 
 
 # ---------------------------------------------------------------- use_usp

@@ -3,8 +3,11 @@
 :class:`ModelConfig` keeps the seed's (DiffSynth's) field names and meaning. ``path=`` names local
 file(s) or a folder; otherwise ``model_id`` + ``origin_file_pattern`` name files of a ModelScope
 repository, which :meth:`ModelConfig.resolve` looks for under ``local_model_path/model_id/`` and
-downloads only when some are missing (only those). Offline, it fails within seconds with a
-:class:`ModelFilesMissing` that says what is missing, where it looked and how to place it by hand.
+downloads only when some are missing (only those). A file that is there but cut short (its size
+differs from the hub's, recorded at download time in a manifest, or its header or end record shows
+it truncated; see :mod:`wan_runtime.manifest`) counts as missing and is fetched again. Offline, it
+fails within seconds with a :class:`ModelFilesMissing` that says what is missing or incomplete,
+where it looked and how to place it by hand.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ import torch
 
 from wan_models.configs import CLIP_FILE, T5_FILE, VAE_FILE
 
+from . import manifest
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMMON_FILES", "ModelConfig", "ModelFilesMissing", "redirect_common_files"]
+__all__ = ["COMMON_FILES", "ModelConfig", "ModelFilesMissing", "missing_files", "redirect_common_files"]
 
 # The shared files are identical in every Wan 2.1 repository; fetching them from one place avoids
 # downloading the same 11 GB again for each model.
@@ -49,9 +54,10 @@ _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})(?P<suff
 
 
 class ModelFilesMissing(FileNotFoundError):
-    """Model files that are neither on disk nor downloadable now.
+    """Model files that are neither on disk (whole) nor downloadable now.
 
-    ``missing`` lists the patterns (or paths) not found, ``local_dir`` the absolute folder searched.
+    ``missing`` lists the patterns (or paths) not found or incomplete, ``local_dir`` the absolute
+    folder searched.
     """
 
     def __init__(self, message: str, *, missing: list[str], local_dir: Path | None,
@@ -80,13 +86,15 @@ class ModelConfig:
     offload_dtype: torch.dtype | None = None
 
     def resolve(self, local_model_path: str | os.PathLike = "./models", skip_download: bool = False,
-                use_usp: bool = False) -> list[Path]:
+                use_usp: bool = False, verify: bool = False) -> list[Path]:
         """The local files (or the one folder, for a folder pattern), downloading missing ones.
 
-        Files go to ``local_model_path/model_id/``; present files are never fetched again and
-        ``skip_download=True`` uses only what is on disk. With ``use_usp=True`` under an initialised
-        ``torch.distributed`` group only rank 0 downloads and every rank waits at a barrier.
-        Unlike the seed's ``download_if_necessary`` this does not change ``self``.
+        Files go to ``local_model_path/model_id/``; whole files are never fetched again, incomplete
+        ones are, and ``skip_download=True`` uses only what is on disk. ``verify=True`` also compares
+        each file's sha256 with the hub's, where the download manifest has it (reads every byte).
+        With ``use_usp=True`` under an initialised ``torch.distributed`` group only rank 0 downloads
+        and every rank waits at a barrier. Unlike the seed's ``download_if_necessary`` this does not
+        change ``self``.
         """
         if self.path is not None:
             return self._local_paths()
@@ -96,8 +104,9 @@ class ModelConfig:
         local_dir = Path(local_model_path).expanduser().absolute() / self.model_id
         patterns = self._patterns()
         rank = _usp_rank(use_usp)
-        missing = _missing(local_dir, patterns)
+        missing, incomplete = _check(local_dir, patterns, verify)
         failure: ModelFilesMissing | None = None
+        downloaded = False
         if skip_download:
             reason = "skip_download=True"
         elif rank not in (None, 0):
@@ -106,15 +115,18 @@ class ModelConfig:
             reason = "the download brought no file matching them: check model_id and origin_file_pattern"
             if missing:
                 try:
-                    self._download(local_dir, missing)
+                    self._download(local_dir, missing, incomplete)
+                    downloaded = True
                 except ModelFilesMissing as e:
                     failure = e
         if rank is not None:
             _barrier()  # every rank, whatever it found, so that none waits for a rank that skipped it
         if failure is not None:
             raise failure
-        missing = _missing(local_dir, patterns)
+        missing = missing_files(local_dir, patterns, verify=verify)
         if missing:
+            if downloaded and any(missing.values()):
+                reason = "the download left them incomplete (interrupted? run it again)"
             raise self._missing_error(local_dir, missing, reason)
         return _matches(local_dir, patterns)
 
@@ -139,8 +151,13 @@ class ModelConfig:
                              "repository")
         return [p or "" for p in patterns]
 
-    def _download(self, local_dir: Path, missing: dict[str, str]) -> None:
-        """Fetch from ModelScope the files matching the ``missing`` patterns (present ones skipped)."""
+    def _download(self, local_dir: Path, missing: dict[str, str], incomplete: dict[str, str]) -> None:
+        """Fetch from ModelScope the files matching the ``missing`` patterns (whole ones skipped).
+
+        The hub's file list is kept first as the folder's manifest. The ``incomplete`` files, and
+        those that fail the new manifest's size check, are deleted so that the hub client fetches
+        them again (it would keep a file of the right size).
+        """
         if self.download_resource.lower() != "modelscope":
             raise self._missing_error(local_dir, missing, f"download_resource={self.download_resource!r} is not "
                                       "supported (only 'ModelScope')")
@@ -154,16 +171,36 @@ class ModelConfig:
                                       "pip install modelscope") from None
         allow = [_allow_pattern(p) for p in missing]
         allow_arg = None if None in allow else allow
-        present = _present_files(local_dir, allow_arg)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        expected = self._record_manifest(local_dir)
+        present = []
+        for rel in _present_files(local_dir, allow_arg):
+            problem = incomplete.get(rel) or manifest.problem(local_dir / rel, expected.get(rel))
+            if problem:
+                logger.warning("%s is incomplete (%s): deleting it to download it again", local_dir / rel, problem)
+                (local_dir / rel).unlink()
+            else:
+                present.append(rel)
         logger.info("downloading %s (%s) from ModelScope into %s%s", self.model_id,
                     ", ".join(p or "whole repository" for p in missing), local_dir,
                     f", skipping {len(present)} files already there" if present else "")
-        local_dir.mkdir(parents=True, exist_ok=True)
         try:
             snapshot_download(self.model_id, local_dir=str(local_dir), allow_file_pattern=allow_arg,
                               ignore_file_pattern=present or None)
         except Exception as e:  # any failure of the hub client leaves the same remedy: place the files by hand
             raise self._missing_error(local_dir, missing, f"download failed: {type(e).__name__}: {e}") from e
+
+    def _record_manifest(self, local_dir: Path) -> dict[str, manifest.Entry]:
+        """The hub's file list, written to the folder's manifest; the previous one if the hub does not answer."""
+        try:
+            entries = manifest.fetch(self.model_id)
+        except Exception as e:  # the download may still work; sizes are then checked against the old manifest
+            logger.warning("could not list the files of %s on ModelScope (%s: %s); downloading without that list",
+                           self.model_id, type(e).__name__, e)
+            return manifest.read(local_dir)
+        if entries:
+            manifest.write(local_dir, self.model_id, entries)
+        return entries
 
     def _missing_error(self, local_dir: Path, missing: dict[str, str], reason: str) -> ModelFilesMissing:
         what = "; ".join(f"{p or '(whole repository)'}{f' ({detail})' if detail else ''}"
@@ -220,19 +257,56 @@ def _matches(local_dir: Path, patterns: list[str]) -> list[Path]:
     return out
 
 
-def _missing(local_dir: Path, patterns: list[str]) -> dict[str, str]:
-    """Patterns with nothing on disk, or with shards of a split checkpoint absent -> what is absent."""
+def missing_files(local_dir: Path, patterns: list[str], *, verify: bool = False) -> dict[str, str]:
+    """The patterns not fully on disk under ``local_dir`` -> what is wrong ("" when nothing matches).
+
+    Wrong is: shards of a split checkpoint absent, files the manifest lists under the pattern
+    absent, or files that fail :func:`manifest.problem` (size, header; sha256 with ``verify``).
+    """
+    return _check(local_dir, patterns, verify)[0]
+
+
+def _check(local_dir: Path, patterns: list[str], verify: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """:func:`missing_files`, and the files on disk (relative) that failed a check -> why."""
+    expected = manifest.read(local_dir) if local_dir.is_dir() else {}
     missing: dict[str, str] = {}
+    incomplete: dict[str, str] = {}
     for pattern in patterns:
         found = _matches(local_dir, [pattern]) if local_dir.is_dir() else []
         if not found:
             missing[pattern] = ""
             continue
+        problems = []
         absent = _absent_shards(found)
         if absent:
             more = " ..." if len(absent) > 4 else ""
-            missing[pattern] = f"{len(absent)} shards absent: {', '.join(absent[:4])}{more}"
-    return missing
+            problems.append(f"{len(absent)} shards absent: {', '.join(absent[:4])}{more}")
+        listed = [rel for rel in expected if _under_pattern(rel, pattern) and not (local_dir / rel).is_file()
+                  and rel not in absent]
+        if listed:
+            problems.append(f"absent: {', '.join(listed[:4])}{' ...' if len(listed) > 4 else ''}")
+        for rel in _files_under(local_dir, found):
+            problem = manifest.problem(local_dir / rel, expected.get(rel), verify=verify)
+            if problem:
+                incomplete[rel] = problem
+                problems.append(problem if rel == pattern else f"{rel} is {problem}")
+        if problems:
+            missing[pattern] = "; ".join(problems)
+    return missing, incomplete
+
+
+def _files_under(local_dir: Path, found: list[Path]) -> list[str]:
+    """The files (posix, relative to ``local_dir``) that matched paths are or hold, hidden ones left out."""
+    files = []
+    for path in found:
+        inside = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files.extend(p.relative_to(local_dir).as_posix() for p in inside)
+    return [rel for rel in files if not any(part.startswith(".") for part in rel.split("/"))]
+
+
+def _under_pattern(rel: str, pattern: str) -> bool:
+    allow = _allow_pattern(pattern)
+    return allow is None or fnmatch.fnmatchcase(rel, allow)
 
 
 def _absent_shards(found: list[Path]) -> list[str]:
