@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import uuid
 from pathlib import Path
+from typing import Callable
 
 import typer
 
 FORMATS = ("official", "diffusers", "comfy")
+
+
+def _write_folder(target: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write the files of a model folder so that a failure leaves nothing behind.
+
+    Every file is written in a temporary folder beside ``target``, which then becomes ``target``
+    (or, when ``target`` exists, whose files replace those of the same names); on any error the
+    temporary folder is removed and ``target`` is as it was.
+    """
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()  # usual permissions, unlike tempfile.mkdtemp's owner-only ones
+    try:
+        for name, write in writers.items():
+            write(tmp / name)
+        if target.exists():
+            for name in writers:
+                os.replace(tmp / name, target / name)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_error(target: Path, error: Exception) -> OSError:
+    """A one-line error for a failed write; a full disk is the usual cause of I/O errors here."""
+    if isinstance(error, OSError):
+        return OSError(f"could not write {target}: {error.strerror or error} (is the disk full?)")
+    # safetensors' SafetensorError: "... I/O error: File too large (os error 27)" (older: IoError(Os {... message: "..."}))
+    io = re.search(r'I/O error: (.+?)(?: \(os error \d+\))?$|IoError\(Os \{.*message: "([^"]+)"', str(error))
+    if io:
+        return OSError(f"could not write {target}: {io.group(1) or io.group(2)} (is the disk full?)")
+    return OSError(f"could not write {target}: {error}")
 
 
 def convert(
@@ -18,6 +60,7 @@ def convert(
     """Convert a checkpoint's key layout (weights unchanged; written atomically).
 
     diffusers output is a model folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``.
+    A failed write (e.g. a full disk) leaves no partial file or folder behind.
     """
     if to not in FORMATS:
         raise typer.BadParameter(f"{to!r} is not one of {', '.join(FORMATS)}", param_hint="--to")
@@ -25,6 +68,7 @@ def convert(
         raise typer.BadParameter(f"{target} must end in .safetensors", param_hint="TARGET")
     if to == "diffusers" and target.suffix:
         raise typer.BadParameter(f"diffusers output is a folder; {target} looks like a file", param_hint="TARGET")
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     import wan_models
@@ -34,18 +78,19 @@ def convert(
 
     ckpt = read_checkpoint(source)
     converted = {k: v.contiguous() for k, v in wan_models.convert(ckpt.state_dict, to=to).items()}
-    if to == "diffusers":
-        make_config = {"dit": diffusers_format.transformer_config, "vae": diffusers_format.vae_config}
-        if ckpt.network.name not in make_config:
-            raise ValueError(f"diffusers has no layout for a {ckpt.network.name} network (only dit, vae)")
-        config = make_config[ckpt.network.name](ckpt.config)
-        with atomic_path(target / "diffusion_pytorch_model.safetensors") as tmp:
-            save_file(converted, str(tmp))
-        with atomic_path(target / "config.json") as tmp:
-            tmp.write_text(json.dumps(config, indent=2))
-    else:
-        with atomic_path(target) as tmp:
-            save_file(converted, str(tmp))
+    try:
+        if to == "diffusers":
+            make_config = {"dit": diffusers_format.transformer_config, "vae": diffusers_format.vae_config}
+            if ckpt.network.name not in make_config:
+                raise ValueError(f"diffusers has no layout for a {ckpt.network.name} network (only dit, vae)")
+            config = make_config[ckpt.network.name](ckpt.config)
+            _write_folder(target, {"diffusion_pytorch_model.safetensors": lambda p: save_file(converted, str(p)),
+                                   "config.json": lambda p: p.write_text(json.dumps(config, indent=2))})
+        else:
+            with atomic_path(target) as tmp:
+                save_file(converted, str(tmp))
+    except (SafetensorError, OSError) as e:
+        raise _write_error(target, e) from None
     typer.echo(f"wrote {target} ({to}, {len(converted)} tensors)")
 
 

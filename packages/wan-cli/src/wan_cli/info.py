@@ -1,4 +1,5 @@
-"""``wan info FILE``: what a checkpoint holds — format, network, variant, stored dtypes, parameters."""
+"""``wan info FILE``: what a checkpoint holds — format, network, variant, stored dtypes, parameters,
+and whether every weight is finite."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import typer
 
 
 def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder or diffusers folder.")) -> None:
-    """Describe a checkpoint: how it is stored and which network and sizes it holds."""
+    """Describe a checkpoint: how it is stored, which network and sizes it holds, and NaN/inf weights."""
     import torch
 
     import wan_models
+    from wan_models import integrity
     from wan_models.loading import read_checkpoint
 
     stored = wan_models.read_state_dict(path)
@@ -30,6 +32,9 @@ def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder 
     if matches:
         typer.echo(f"matches:  {', '.join(matches)}")
     typer.echo(f"config:   {ckpt.config}")
+    counts = integrity.non_finite(stored.items())  # memory-mapped tensors, read one at a time
+    sizes = {key: stored[key].numel() for key in counts}
+    typer.echo(f"finite:   {'NO: ' + integrity.describe_non_finite(counts, sizes) if counts else 'all finite'}")
 
 
 def register(app: typer.Typer) -> None:
