@@ -27,7 +27,7 @@ from wan_runtime.limits import RequestLimits, RequestTooLarge
 from wan_runtime.lora import merge_lora
 from wan_runtime.model_config import ModelConfig
 from wan_runtime.request import GenerationRequest
-from wan_runtime.video_io import load_image
+from wan_runtime.video_io import load_image, save_video
 
 SMALL = dict(height=32, width=48, num_frames=5, num_inference_steps=2, seed=0)
 
@@ -94,6 +94,8 @@ def test_non_finite_numbers_are_refused_before_any_network_runs(pipe, field, val
     ("rand_device", "cpux", "rand_device='cpux' is not a device name"),
     ("tiled", "yes", "tiled must be True or False, got 'yes'"),
     ("motion_bucket_id", -1, "motion_bucket_id must be a non-negative integer"),
+    ("tile_size", (30, 0), "tile_size must be two positive integers (height, width) in latents, got (30, 0)"),
+    ("mag_cache_ratios", [1.0, math.nan], "mag_cache_ratios[1] must be a finite number, got nan"),
 ])
 def test_wrong_types_name_the_field(field, value, fragment) -> None:
     with pytest.raises(ValueError) as error:
@@ -181,6 +183,16 @@ def test_a_vae_that_overflows_is_an_error_not_a_black_video(folder) -> None:
         next(p for name, p in pipe.vae.named_parameters() if name.startswith("decoder")).fill_(math.inf)
     with pytest.raises(NonFiniteError, match="the decoded video holds non-finite values"):
         pipe(prompt="a cat", **SMALL)
+
+
+def test_other_numbers_are_checked_where_they_enter(pipe, tmp_path) -> None:
+    with pytest.raises(ValueError, match="vram_limit must be a finite number, got nan"):
+        pipe.enable_vram_management(vram_limit=math.nan)
+    assert pipe.vram is None
+    frames = [Image.new("RGB", (16, 16))] * 3
+    with pytest.raises(ValueError, match="fps must be a positive number, got inf"):
+        save_video(frames, tmp_path / "x.mp4", fps=math.inf)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------ 2. devices and dtypes

@@ -75,7 +75,8 @@ def generate(
     reference_image: Optional[Path] = typer.Option(None, "--reference-image", help="Fun V1.1 reference image."),
     camera_direction: Optional[str] = typer.Option(None, "--camera-direction",
                                                    help=f"Camera motion: {', '.join(CAMERA_DIRECTIONS)}."),
-    camera_speed: float = typer.Option(1 / 54, "--camera-speed", callback=finite, min=0.0, help="Camera speed per frame."),
+    camera_speed: float = typer.Option(1 / 54, "--camera-speed", callback=finite, min=0.0,
+                                       help="Camera speed per frame."),
     vace_video: Optional[Path] = typer.Option(None, "--vace-video", help="VACE control/source video."),
     vace_mask: Optional[Path] = typer.Option(None, "--vace-mask", help="VACE mask video (white = generate)."),
     vace_reference: Optional[Path] = typer.Option(None, "--vace-reference", help="VACE reference image."),
@@ -89,8 +90,9 @@ def generate(
                                          " Default 81, or the embedded model's."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."
                                         " Default 50, or the embedded model's."),
-    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", callback=finite, min=0.0, help="Classifier-free guidance (1 = off)."
-                                              " Default 5.0, or the embedded model's."),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", callback=finite, min=0.0,
+                                              help="Classifier-free guidance (1 = off). Default 5.0, or the embedded "
+                                                   "model's."),
     sigma_shift: float = typer.Option(5.0, "--sigma-shift", callback=finite, help="Schedule time shift (> 0)."),
     sampler: str = typer.Option("euler", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
     motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,

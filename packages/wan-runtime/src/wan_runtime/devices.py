@@ -43,7 +43,8 @@ def resolve_device(value: torch.device | str, name: str | None = "device") -> to
             raise ValueError(f"{shown} is not a device name; expected e.g. 'cpu', 'cuda', 'cuda:1' "
                              "or 'mps'") from None
     else:
-        raise ValueError(f"{name or 'the device'} must be a device name or torch.device, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{name or 'the device'} must be a device name or torch.device, got "
+                         f"{type(value).__name__} {value!r}")
     if device.type in ("cpu", "meta"):
         return device
     backend = getattr(torch, device.type, None)

@@ -29,7 +29,7 @@ from .limits import RequestLimits
 from .lora import LoraMerge, LoraSource, merge_lora, unmerge_lora
 from .memory import Accountant, VramManager, manage_pipeline
 from .parallel import SequenceParallel, enable_usp, init_process_group
-from .request import GenerationRequest
+from .request import GenerationRequest, finite_number
 from .schedulers import make_scheduler
 from .units import Conditioning, Unit, camera, control, image, noise, prompt, speed, vace
 
@@ -199,6 +199,9 @@ class WanVideoPipeline:
         parameters stay resident. float8 weights are upcast to ``torch_dtype`` per layer. Calling it again
         replaces the plan. See docs/vram_management.md.
         """
+        for name, value in (("vram_limit", vram_limit), ("vram_buffer", vram_buffer)):
+            if value is not None:
+                finite_number(name, value, low=0.0)
         if self.dit is not None and is_compiled(self.dit):
             raise ValueError("enable_vram_management() does not compose with compile(): its hooks swap the "
                              "weights of every layer inside the compiled blocks; use one or the other")

@@ -101,6 +101,16 @@ class GenerationRequest:
                 finite_number(name, getattr(self, name), low=0.0)
         for i, value in enumerate(self.camera_control_origin):
             finite_number(f"camera_control_origin[{i}]", value)
+        for name in ("tile_size", "tile_stride"):
+            value = getattr(self, name)
+            if (not isinstance(value, (tuple, list)) or len(value) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)):
+                raise ValueError(f"{name} must be two positive integers (height, width) in latents, got {value!r}")
+        if self.mag_cache_ratios:
+            ratios = self.mag_cache_ratios
+            for row in ratios if isinstance(ratios[0], (list, tuple)) else [ratios]:
+                for i, value in enumerate(row):
+                    finite_number(f"mag_cache_ratios[{i}]", value)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.motion_bucket_id is not None and (isinstance(self.motion_bucket_id, bool)

@@ -64,7 +64,7 @@ def save_video(frames: Sequence[Image.Image], path: str | os.PathLike, fps: floa
     Missing parent folders are created.
     """
     crf = quality_to_crf(quality)
-    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not fps > 0:
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not 0 < fps < float("inf"):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     path = Path(path)
     if path.suffix.lower() != ".mp4":
