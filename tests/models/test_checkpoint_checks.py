@@ -184,6 +184,21 @@ def test_file_problem_passes_whole_files_and_reads_only_headers(release, tmp_pat
     assert integrity.file_problem(other).startswith("not a .safetensors file")
 
 
+def test_a_corrupt_comfy_quantisation_config_is_named(release, tmp_path) -> None:
+    from wan_models.formats import comfy
+
+    sd = comfy.quantize_fp8(load_file(release / DIT), scaled=True)
+    sd.pop(comfy.MARKER)
+    key = "blocks.0.ffn.0"
+    sd[f"{key}.weight_scale"] = sd.pop(f"{key}.scale_weight")
+    sd[f"{key}.comfy_quant"] = torch.tensor(list(b'{"format": float8'), dtype=torch.uint8)  # cut-off JSON
+    path = tmp_path / "dit_fp8.safetensors"
+    save_file(comfy.from_official(sd, "dit"), str(path))
+    with pytest.raises(CheckpointError, match=rf"^{path}: {key}.comfy_quant: not a JSON quantisation config "
+                                              r"\(Expecting value: line 1 column 12"):
+        wan_models.load_model(path)
+
+
 # ---------------------------------------------------------------- config.json beside the checkpoint
 
 

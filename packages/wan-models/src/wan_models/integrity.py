@@ -18,11 +18,12 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .formats.comfy import FP8_DTYPES
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 ZIP_MAGIC = b"PK\x03\x04"
 MAX_SAFETENSORS_HEADER = 100_000_000  # safetensors itself refuses larger headers
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def torch_file_kind(path: Path) -> str:

@@ -77,7 +77,11 @@ def upcast_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype | None:
 
 
 def _check_quant_config(key: str, value: torch.Tensor) -> None:
-    fmt = json.loads(bytes(value.tolist()).decode("utf-8")).get("format")
+    try:
+        config = json.loads(bytes(value.tolist()).decode("utf-8"))
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{key}: not a JSON quantisation config ({e})") from None
+    fmt = config.get("format") if isinstance(config, dict) else None
     if fmt not in SUPPORTED_QUANT_FORMATS:
         raise ValueError(f"{key}: quantisation format {fmt!r} is not supported (only {SUPPORTED_QUANT_FORMATS})")
 
