@@ -177,3 +177,18 @@ def test_convert_on_a_full_disk_leaves_nothing_behind(models, tmp_path, to, name
     result = wan("convert", str(models / T2V / DIT), str(target), "--to", to)  # with room, it works
     assert result.returncode == 0, result.stderr
     assert (target / DIT).is_file() if to == "diffusers" else target.is_file()
+
+
+def test_write_errors_ask_about_the_disk_only_when_it_is_full() -> None:
+    from safetensors import SafetensorError
+
+    from wan_cli.convert import _write_error
+
+    target = Path("out.safetensors")
+    new = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    old = SafetensorError('Error while serializing: IoError(Os { code: 122, kind: FilesystemQuotaExceeded, '
+                          'message: "Disk quota exceeded" })')
+    assert str(_write_error(target, new)) == "could not write out.safetensors: No space left on device (is the disk full?)"
+    assert str(_write_error(target, old)) == "could not write out.safetensors: Disk quota exceeded (is the disk full?)"
+    denied = PermissionError(13, "Permission denied")
+    assert str(_write_error(target, denied)) == "could not write out.safetensors: Permission denied"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from typing import Callable
 import typer
 
 FORMATS = ("official", "diffusers", "comfy")
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 def _write_folder(target: Path, writers: dict[str, Callable[[Path], None]]) -> None:
@@ -22,8 +24,6 @@ def _write_folder(target: Path, writers: dict[str, Callable[[Path], None]]) -> N
     (or, when ``target`` exists, whose files replace those of the same names); on any error the
     temporary folder is removed and ``target`` is as it was.
     """
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()  # usual permissions, unlike tempfile.mkdtemp's owner-only ones
@@ -42,14 +42,15 @@ def _write_folder(target: Path, writers: dict[str, Callable[[Path], None]]) -> N
 
 
 def _write_error(target: Path, error: Exception) -> OSError:
-    """A one-line error for a failed write; a full disk is the usual cause of I/O errors here."""
+    """A one-line error for a failed write, asking about the disk when the system said it is full."""
     if isinstance(error, OSError):
-        return OSError(f"could not write {target}: {error.strerror or error} (is the disk full?)")
-    # safetensors' SafetensorError: "... I/O error: File too large (os error 27)" (older: IoError(Os {... message: "..."}))
-    io = re.search(r'I/O error: (.+?)(?: \(os error \d+\))?$|IoError\(Os \{.*message: "([^"]+)"', str(error))
-    if io:
-        return OSError(f"could not write {target}: {io.group(1) or io.group(2)} (is the disk full?)")
-    return OSError(f"could not write {target}: {error}")
+        reason, code = error.strerror or str(error), error.errno
+    else:  # SafetensorError: "... I/O error: File too large (os error 27)"; older releases: "IoError(Os {...})"
+        text = str(error)
+        new = re.search(r"I/O error: (.+?) \(os error (\d+)\)", text)
+        old = re.search(r'IoError\(Os \{ code: (\d+),.*message: "([^"]+)"', text)
+        reason, code = (new[1], int(new[2])) if new else (old[2], int(old[1])) if old else (text, None)
+    return OSError(f"could not write {target}: {reason}" + (" (is the disk full?)" if code in DISK_FULL else ""))
 
 
 def convert(
@@ -66,7 +67,7 @@ def convert(
         raise typer.BadParameter(f"{to!r} is not one of {', '.join(FORMATS)}", param_hint="--to")
     if to != "diffusers" and target.suffix != ".safetensors":
         raise typer.BadParameter(f"{target} must end in .safetensors", param_hint="TARGET")
-    if to == "diffusers" and target.suffix:
+    if to == "diffusers" and (target.suffix or target.is_file()):
         raise typer.BadParameter(f"diffusers output is a folder; {target} looks like a file", param_hint="TARGET")
     from safetensors import SafetensorError
     from safetensors.torch import save_file
