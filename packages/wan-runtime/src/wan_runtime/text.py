@@ -52,6 +52,7 @@ class Prompter:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.text_len = text_len
+        self._warned: set[str] = set()  # prompts already warned about as too long
 
     @classmethod
     def from_folder(cls, tokenizer_dir: str | Path, text_encoder: UMT5Encoder, text_len: int = 512) -> "Prompter":
@@ -81,7 +82,8 @@ class Prompter:
             raise ValueError("no prompt given (an empty list)")
         cleaned = [clean_prompt(p) for p in prompts]
         for text, ids in zip(cleaned, self.tokenizer(cleaned, add_special_tokens=True, verbose=False)["input_ids"]):
-            if len(ids) > self.text_len:
+            if len(ids) > self.text_len and text not in self._warned:  # once per prompt: training repeats them
+                self._warned.add(text)
                 kept = self.tokenizer.decode(ids[:self.text_len - 1], skip_special_tokens=True)
                 logger.warning("a prompt is %d tokens long, but the text encoder reads %d: everything after "
                                "...%r is ignored (%d tokens); shorten the prompt", len(ids), self.text_len,
