@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import resource
 import signal
 import subprocess
@@ -19,10 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from wan_train import main
-from wan_train.state import STATE_DIR
+from wan_train.args import TrainingError
+from wan_train.state import STATE_DIR, _load_own
 
 from train.support import model_paths, train_argv
 
@@ -163,3 +166,17 @@ def test_signal_during_checkpoint_write_removes_it(signum: int, status: int, mes
     assert len(errors) == 1 and message in errors[0], errors
     assert not temporary.exists() and not (out / "epoch-0.safetensors").exists()
     assert not leftovers(out), leftovers(out)
+
+
+def test_a_damaged_resume_file_is_one_line_without_torchs_advice(tmp_path: Path) -> None:
+    """A resume file holding a foreign class (or cut short) is refused without suggesting weights_only=False."""
+    foreign = tmp_path / "optimizer.pt"
+    foreign.write_bytes(pickle.dumps(Path("x")))  # a pickle of a non-tensor class, as a tampered file would be
+    cut = tmp_path / "rng-0.pt"
+    torch.save({"python": [1, 2, 3]}, cut)
+    cut.write_bytes(cut.read_bytes()[:60])
+    for path in (foreign, cut):
+        with pytest.raises(TrainingError) as error:
+            _load_own(path)
+        message = str(error.value)
+        assert message.startswith(f"--resume: cannot read {path}: ") and "weights_only" not in message

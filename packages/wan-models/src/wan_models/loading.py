@@ -64,7 +64,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
 
 
-def _torch_message(e: BaseException) -> str:
+def torch_error_message(e: BaseException) -> str:
     """torch's message on one line, without its advice to load with ``weights_only=False`` (which
     would let the file run code) or to allowlist the classes it holds."""
     text = str(e)
@@ -83,7 +83,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", mmap=not legacy, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = _torch_message(e)
+        reason = torch_error_message(e)
         # torch names the first class it refuses, but a garbled legacy file can show it a made-up
         # name, and a plain pickle can stop it earlier (at an opcode it lacks): legacy files are read
         # with pickletools for the classes really named.
@@ -99,7 +99,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     except EOFError:
         raise CheckpointError(f"{path}: truncated: its pickle data ends early ({path.stat().st_size:,} bytes)") from None
     except Exception as e:  # torch.load's decoders raise many kinds of error (IndexError, ...) on corrupt data
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_torch_message(e)})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({torch_error_message(e)})") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
+
+from wan_models.loading import torch_error_message
 
 from .args import TrainingError
 from .outputs import atomic_write, writing
@@ -171,10 +174,19 @@ def load_state(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any,
             raise TrainingError(f"--resume: {path} holds other trainable weights than this run (e.g. "
                                 f"{sorted(set(weights) ^ trainable)[:3]}); resume with the same model flags")
         unwrapped.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = path / f"rng-{accelerator.process_index}.pt"
-    _set_rng_state(torch.load(rng, weights_only=True))
+        optimizer.load_state_dict(_load_own(path / "optimizer.pt"))
+    _set_rng_state(_load_own(path / f"rng-{accelerator.process_index}.pt"))
     progress = Progress(record["epoch"], record["batch"], record["step"])
     logger.info("resumed from %s: epoch %d, micro-batch %d, step %d", path, progress.epoch, progress.batch,
                 progress.step)
     return progress
+
+
+def _load_own(path: Path) -> Any:
+    """A file :func:`save_state` wrote (plain data and tensors, never code); a damaged one is a
+    :class:`TrainingError` without torch's advice to load it with ``weights_only=False``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise TrainingError(f"--resume: cannot read {path}: {torch_error_message(e)}; resume from an earlier "
+                            "state or start again") from None
