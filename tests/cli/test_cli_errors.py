@@ -1,7 +1,8 @@
 """The ``wan`` command on bad input, as a new user meets it (issue 22): one line, no traceback, no
 partial output, and every check that needs no computation made before any network loads.
 
-Runs the real entry point in subprocesses on the embedded tiny-shapes model. Whether a run got as far
+Runs the real entry point on the embedded tiny-shapes model: in subprocesses, or through ``main()`` in
+this process for errors raised before anything loads (the same code, without interpreter start-up). Whether a run got as far
 as loading or denoising is read from its progress bars (``load:``, ``denoise:``), on unless ``-q``.
 """
 
@@ -34,6 +35,25 @@ def wan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*WAN, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.fixture
+def wan_main(capsys, monkeypatch):
+    """``wan ARGS`` through the real ``main()`` in this process (no interpreter start-up): for errors
+    raised before anything loads. Returns ``(exit code, stderr)``; the SIGTERM handler main installs
+    is put back afterwards."""
+    from wan_cli.main import main
+
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own SIGTERM handling
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, exit_.value.code, out, err)
+
+    return run
+
+
 def one_error_line(result: subprocess.CompletedProcess, prefix: str) -> str:
     """The single line of stderr starting with ``prefix``; there is no traceback."""
     assert "Traceback" not in result.stderr, result.stderr
@@ -56,17 +76,17 @@ def one_error_line(result: subprocess.CompletedProcess, prefix: str) -> str:
     (["--device", "cuda:99"], "'cuda:99': " + ("this machine has" if torch.cuda.is_available()
                                                 else "this torch build has no CUDA support")),
 ])
-def test_bad_numbers_and_devices_exit_2_naming_the_flag(args, fragment, tmp_path) -> None:
-    result = wan("generate", *args, "-o", str(tmp_path / "out.mp4"))
+def test_bad_numbers_and_devices_exit_2_naming_the_flag(wan_main, args, fragment, tmp_path) -> None:
+    result = wan_main("generate", *args, "-o", str(tmp_path / "out.mp4"))
     assert result.returncode == 2
     assert fragment in one_error_line(result, "Error:")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_lora_strength_of_nan_is_a_usage_error(tmp_path) -> None:
+def test_a_lora_strength_of_nan_is_a_usage_error(wan_main, tmp_path) -> None:
     lora = tmp_path / "style.safetensors"
     save_file({"x": torch.ones(1)}, str(lora))
-    result = wan("generate", "--lora", f"{lora}:nan", "-o", str(tmp_path / "out.mp4"))
+    result = wan_main("generate", "--lora", f"{lora}:nan", "-o", str(tmp_path / "out.mp4"))
     assert result.returncode == 2
     assert "the strength nan is not a finite number" in one_error_line(result, "Error:")
 
@@ -76,14 +96,14 @@ def test_a_lora_strength_of_nan_is_a_usage_error(tmp_path) -> None:
     ("a_folder", "it is a folder; give a file name inside it"),
     ("read_only", "does not accept new files"),
 ])
-def test_an_unwritable_output_is_refused_before_loading(where, fragment, tmp_path) -> None:
+def test_an_unwritable_output_is_refused_before_loading(wan_main, where, fragment, tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("a file")
     (tmp_path / "videos.mp4").mkdir()
     output = {"under_a_file": tmp_path / "notes.txt" / "out.mp4",
               "a_folder": tmp_path / "videos.mp4",
               # sysfs never accepts new regular files, not even from root (chmod would not stop root)
               "read_only": Path("/sys/wan-test-out.mp4")}[where]
-    result = wan("generate", *FAST, "-o", str(output))
+    result = wan_main("generate", *FAST, "-o", str(output))
     assert result.returncode == 2
     line = one_error_line(result, "Error:")
     assert str(output) in line and fragment in line
@@ -94,17 +114,16 @@ def test_an_unwritable_output_is_refused_before_loading(where, fragment, tmp_pat
     (["--width", "100000"], "100000x64 (6,400,000 pixels per frame) is above the limit of 3,686,400 pixels"),
     (["--frames", "100000"], "num_frames=100001 is above the limit of 1025 frames"),
 ])
-def test_sizes_beyond_the_caps_are_refused_before_loading(args, fragment, tmp_path) -> None:
-    result = wan("generate", *FAST, *args, "-o", str(tmp_path / "out.mp4"))
+def test_sizes_beyond_the_caps_are_refused_before_loading(wan_main, args, fragment, tmp_path) -> None:
+    result = wan_main("generate", *FAST, *args, "-o", str(tmp_path / "out.mp4"))
     assert result.returncode == 1
     assert fragment in one_error_line(result, "error:")
     assert "load:" not in result.stderr  # no progress bar: nothing was loaded
 
 
-def test_a_cap_is_raised_through_the_environment(tmp_path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WAN_MAX_FRAMES": "13"}
-    result = subprocess.run([*WAN, "generate", *FAST, "--frames", "17", "-o", str(tmp_path / "o.mp4")],
-                            capture_output=True, text=True, env=env, timeout=300)
+def test_a_cap_is_set_through_the_environment(wan_main, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WAN_MAX_FRAMES", "13")
+    result = wan_main("generate", *FAST, "--frames", "17", "-o", str(tmp_path / "o.mp4"))
     assert result.returncode == 1 and "above the limit of 13 frames" in result.stderr
 
 
