@@ -1,8 +1,9 @@
 """Discovery and comparison for reference fixture sets (format: shared/parity/README.md).
 
-A set lives at ``$WAN_PARITY_DIR`` (default ``<repo>/../shared/parity``). Each test file that
-checks parity parametrizes over :func:`case_names` for the runners it owns and fails on a runner
-nobody owns, so no case can silently go untested.
+A set lives at ``$WAN_PARITY_DIR`` (default ``<repo>/../shared/parity``) for Wan 2.1, and at
+``$WAN22_PARITY_DIR`` (default ``<repo>/../shared/parity-wan22``) for Wan 2.2: pass
+``family="wan22"``. Each test file that checks parity parametrizes over :func:`case_names` for the
+runners it owns and fails on a runner nobody owns, so no case can silently go untested.
 """
 
 from __future__ import annotations
@@ -20,19 +21,24 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def parity_root() -> Path:
-    return Path(os.environ.get("WAN_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
+# family -> (environment variable naming the set, default folder beside the repository)
+SETS = {"wan21": ("WAN_PARITY_DIR", "parity"), "wan22": ("WAN22_PARITY_DIR", "parity-wan22")}
 
 
-def manifest() -> dict[str, Any]:
-    path = parity_root() / "manifest.json"
+def parity_root(family: str = "wan21") -> Path:
+    variable, folder = SETS[family]
+    return Path(os.environ.get(variable, REPO_ROOT.parent / "shared" / folder))
+
+
+def manifest(family: str = "wan21") -> dict[str, Any]:
+    path = parity_root(family) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no parity manifest at {path}; set WAN_PARITY_DIR to a fixture set")
+        raise FileNotFoundError(f"no parity manifest at {path}; set {SETS[family][0]} to a fixture set")
     return json.loads(path.read_text())
 
 
-def case_names() -> list[str]:
-    return list(manifest()["cases"])
+def case_names(family: str = "wan21") -> list[str]:
+    return list(manifest(family)["cases"])
 
 
 @dataclass
@@ -44,8 +50,8 @@ class ParityCase:
     spec: dict[str, Any] = field(repr=False)
 
     @classmethod
-    def load(cls, name: str) -> "ParityCase":
-        case_dir = parity_root() / name
+    def load(cls, name: str, family: str = "wan21") -> "ParityCase":
+        case_dir = parity_root(family) / name
         return cls(name, case_dir, json.loads((case_dir / "case.json").read_text()))
 
     @property
@@ -101,6 +107,6 @@ def assert_matches(case: ParityCase, actual: dict[str, torch.Tensor]) -> None:
             assert torch.equal(got.to(want.dtype), want), f"{case.name}/{key}: integer output differs"
 
 
-def owned_cases(runners: dict[str, Runner]) -> list[str]:
+def owned_cases(runners: dict[str, Runner], family: str = "wan21") -> list[str]:
     """Names of the cases in the set whose runner is in ``runners``."""
-    return [n for n in case_names() if ParityCase.load(n).runner in runners]
+    return [n for n in case_names(family) if ParityCase.load(n, family).runner in runners]
