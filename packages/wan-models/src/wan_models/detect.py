@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from . import clip, t5, vae
+from . import clip, t5, vae, vae22
 from .dit import WanDiT
 from .dit_config import dit_config_from_state_dict, motion_controller_config_from_state_dict
 from .motion_controller import MotionController
@@ -27,6 +27,9 @@ class Network:
 
 NETWORKS: tuple[Network, ...] = (
     Network("dit", ("blocks.0.self_attn.q.weight",), dit_config_from_state_dict, WanDiT),
+    # Before "vae": a Wan2.2 VAE also has encoder.conv1.weight; its stages nest their blocks.
+    Network("vae22", ("encoder.downsamples.0.downsamples.0.residual.0.gamma",), vae22.config_from_state_dict,
+            vae22.WanVAE22),
     Network("vae", ("encoder.conv1.weight",), vae.config_from_state_dict, vae.WanVAE),
     Network("t5", ("token_embedding.weight",), t5.config_from_state_dict, t5.UMT5Encoder),
     Network("clip", ("visual.patch_embedding.weight", "transformer.0.attn.to_qkv.weight"),
