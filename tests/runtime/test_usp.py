@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -32,7 +33,7 @@ WORLD_SIZES = (2, 3)
 MODEL_ID = "Wan-AI/Wan2.1-T2V-1.3B"  # its tiny DiT has 2 heads: even on 2 ranks, uneven on 3
 LATENT_GRID = (5, 10, 14)  # 5 * 5 * 7 = 175 tokens
 PIPELINE_CASES = ("pipeline", "pipeline-teacache", "pipeline-windows")
-DIT_CASES = ("dit-ulysses", "dit-uneven-heads", "dit-vace", "dit-reference")
+DIT_CASES = ("dit-ulysses", "dit-uneven-heads", "dit-vace", "dit-reference", "dit-per-token")
 
 
 # -- what each rank runs -------------------------------------------------------------------------
@@ -54,6 +55,15 @@ def _dit_cases(world: int) -> dict[str, Callable[[], tuple[Any, tuple, dict]]]:
     def case(config: DiTConfig, batch: int = 1, grid: tuple[int, int, int] = LATENT_GRID, **extra: torch.Tensor):
         return lambda: (random_dit(config), dit_inputs(config, batch=batch, grid=grid), extra)
 
+    def per_token(config: DiTConfig):
+        """Wan 2.2 TI2V-style timesteps [B, L]: row 0 has its first latent frame's tokens at t = 0."""
+        def make():
+            x, t, context = dit_inputs(config, batch=2, grid=LATENT_GRID)
+            tokens = t[:, None].repeat(1, math.prod(LATENT_GRID) // 4)
+            tokens[0, :LATENT_GRID[1] * LATENT_GRID[2] // 4] = 0
+            return random_dit(config), (x, tokens, context), {}
+        return make
+
     gen = torch.Generator().manual_seed(5)
     uneven = 3 if world == 2 else 2
     return {
@@ -64,6 +74,8 @@ def _dit_cases(world: int) -> dict[str, Callable[[], tuple[Any, tuple, dict]]]:
         # 4 frames + 1 reference frame of 5 * 7 tokens = 175 tokens
         "dit-reference": case(_tiny_config(uneven, ref_conv=True), grid=(4, 10, 14),
                               reference_latents=torch.randn(1, 16, 1, 10, 14, generator=gen)),
+        # 175 tokens on 2 or 3 ranks: the per-token e0 is split (and padded) with the tokens
+        "dit-per-token": per_token(_tiny_config(uneven, in_dim=48, out_dim=48, family="wan2.2")),
     }
 
 

@@ -1,8 +1,9 @@
-"""The Wan 2.1 diffusion transformer (T2V, I2V, FLF2V, Fun, VACE), keyed as the released files.
+"""The Wan 2.1 / 2.2 diffusion transformer (T2V, I2V, FLF2V, Fun, VACE, TI2V), keyed as the released files.
 
 Tokens: ``patch_embedding`` turns latents ``[B, C, F, H, W]`` into ``F*H*W/4`` tokens. Each block
 applies time-modulated self-attention with 3D RoPE, cross-attention to the text (and CLIP image)
-context and a time-modulated FFN. The residual stream and all modulation arithmetic stay in
+context and a time-modulated FFN. Timesteps are ``[B]`` (one per video) or ``[B, L]`` (one per
+token, Wan 2.2: per-token modulation). The residual stream and all modulation arithmetic stay in
 float32, as in the reference; linear layers run in the weights' dtype.
 """
 
@@ -24,11 +25,16 @@ from .rope import rope_tables
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Cos-then-sin embedding of ``positions [B]`` over ``dim/2`` frequencies, in float64."""
+    """Cos-then-sin embedding of ``positions [N]`` over ``dim/2`` frequencies, in float64."""
     half = dim // 2
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=positions.device) / half)
     angles = torch.outer(positions.to(torch.float64), freqs)
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def is_per_token(timestep: torch.Tensor) -> bool:
+    """Whether ``timestep`` holds one value per token (``[B, L]``, L > 1) rather than per video."""
+    return timestep.ndim == 2 and timestep.shape[1] > 1
 
 
 class RMSNorm(nn.Module):
@@ -164,11 +170,15 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, context: Context,
                 rope: tuple[torch.Tensor, torch.Tensor], image_tokens: int = 0) -> torch.Tensor:
-        """``x [B, L, dim]`` float32 residual stream, ``e0 [B, 6, dim]`` float32 time modulation."""
+        """``x [B, L, dim]`` float32 residual stream, ``e0 [B, 6, dim]`` or per token ``[B, L, 6, dim]``
+        float32 time modulation."""
         # The compute dtype is read from a parameter no kernel package swaps (FP8 linears keep others).
         dtype, eps = self.modulation.dtype, self.norm1.eps
         modulate, gated_residual = ops.get_op("modulate"), ops.get_op("gated_residual")
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        if e0.ndim == 3:
+            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        else:
+            shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unbind(2)
         x = gated_residual(x, self.self_attn(modulate(x, shift1, scale1, eps).to(dtype), rope), gate1)
         h = layer_norm32(x, self.norm3) if isinstance(self.norm3, nn.LayerNorm) else x
         x = x + self.cross_attn(h.to(dtype), context, image_tokens)
@@ -205,7 +215,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.empty(1, 2, config.dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        """``x [B, L, dim]`` with ``e [B, dim]`` or per token ``[B, L, dim]``."""
+        if e.ndim == 2:
+            shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        else:
+            shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
         h = ops.get_op("modulate")(x, shift, scale, self.norm.eps)
         return self.head(h.to(self.modulation.dtype))
 
@@ -240,8 +254,8 @@ class DiTInputs:
     """
 
     tokens: torch.Tensor                          # [B, L, dim] float32 (reference tokens first)
-    e: torch.Tensor                               # [B, dim] time embedding (head)
-    e0: torch.Tensor                              # [B, 6, dim] block modulation
+    e: torch.Tensor                               # [B, dim] or per token [B, L, dim] time embedding (head)
+    e0: torch.Tensor                              # [B, 6, dim] or per token [B, L, 6, dim] block modulation
     context: Context                              # rows [B, L_ctx, dim] (image tokens first), text bias
     rope: tuple[torch.Tensor, torch.Tensor]       # cos, sin [L, 1, head_dim/2]
     image_tokens: int
@@ -252,7 +266,7 @@ class DiTInputs:
 
 
 class WanDiT(nn.Module):
-    """Wan 2.1 DiT: ``dit(x, timestep, context, clip_feature=..., y=...) -> [B, out_dim, F, H, W]``."""
+    """Wan DiT: ``dit(x, timestep, context, clip_feature=..., y=...) -> [B, out_dim, F, H, W]``."""
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -284,12 +298,16 @@ class WanDiT(nn.Module):
 
     def embed_time(self, timestep: torch.Tensor,
                    motion_embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(e [B, dim], e0 [B, 6, dim])`` in float32; ``motion_embedding`` offsets ``e0`` only."""
+        """``(e [B, dim], e0 [B, 6, dim])`` in float32, or per token ``(e [B, L, dim], e0 [B, L, 6, dim])``
+        for a ``[B, L]`` timestep; ``motion_embedding`` offsets ``e0`` only."""
         t = sinusoid(timestep.reshape(-1), self.config.freq_dim)
         e = self.time_embedding(t.to(self.dtype)).float()
         e0 = self.time_projection(e.to(self.dtype)).float().unflatten(1, (6, self.config.dim))
         if motion_embedding is not None:
-            e0 = e0 + motion_embedding.float().unflatten(1, (6, self.config.dim))
+            motion = motion_embedding.float().unflatten(1, (6, self.config.dim))
+            e0 = e0 + (motion.repeat_interleave(timestep.shape[1], 0) if is_per_token(timestep) else motion)
+        if is_per_token(timestep):
+            return e.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
         return e, e0
 
     def embed_context(self, context: torch.Tensor, clip_feature: torch.Tensor | None) -> Context:
@@ -390,7 +408,8 @@ class WanDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 **inputs: Any) -> torch.Tensor:
-        """Predict the flow velocity for latents ``x [B, C, F, H, W]`` at ``timestep [B]`` (0..1000).
+        """Predict the flow velocity for latents ``x [B, C, F, H, W]`` at ``timestep [B]`` (0..1000), or
+        per token ``[B, L]`` with ``L = F*H*W / prod(patch)`` in the tokens' row-major (f, h, w) order.
 
         ``context [B, L, text_dim]`` (padded rows are attended, as in the reference; trailing zero
         rows are folded into one, which gives the same result: :func:`fold_padding`). Keyword inputs:
@@ -415,8 +434,16 @@ class WanDiT(nn.Module):
         pt, ph, pw = c.patch_size
         if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
             raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch {c.patch_size}")
-        if timestep.numel() not in (1, x.shape[0]):
-            raise ValueError(f"timestep has {timestep.numel()} values for a batch of {x.shape[0]}")
+        expected = [x.shape[0], x.shape[2] // pt * (x.shape[3] // ph) * (x.shape[4] // pw)]
+        if is_per_token(timestep):
+            if list(timestep.shape) != expected:
+                raise ValueError(f"per-token timestep must be [B, L] = {expected} (batch, patched tokens "
+                                 f"of x {tuple(x.shape[2:])}), got {list(timestep.shape)}")
+            if reference_latents is not None:
+                raise ValueError("per-token timesteps cannot be combined with reference_latents")
+        elif timestep.numel() not in (1, x.shape[0]):
+            raise ValueError(f"timestep has {timestep.numel()} values for a batch of {x.shape[0]}: give "
+                             f"[{x.shape[0]}] or per token [B, L] = {expected}")
         if context.ndim != 3 or context.shape[-1] != c.text_dim:
             raise ValueError(f"context must be [B, L, {c.text_dim}], got {tuple(context.shape)}")
         if (clip_feature is None) == c.image_input:

@@ -1,4 +1,4 @@
-"""Configuration of the Wan 2.1 diffusion transformer and its variants, as plain data."""
+"""Configuration of the Wan 2.1 / 2.2 diffusion transformer and its variants, as plain data."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 CLIP_TOKENS_PER_IMAGE = 257
+FAMILIES = ("wan2.1", "wan2.2")
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,9 @@ class DiTConfig:
     ``image_input`` adds the CLIP image branch (``img_emb``, ``k_img``/``v_img``), ``image_pos_emb``
     the first+last-frame position table (FLF2V), ``ref_conv`` the Fun V1.1 reference-image conv,
     ``camera_in_dim`` the Fun Control-Camera adapter, ``vace_layers`` the VACE hint blocks.
+    ``family`` is "wan2.1" or "wan2.2": a Wan 2.2 DiT never has the CLIP branch (``image_input``
+    False) whatever its channels, so the 36-channel I2V-A14B expert takes ``y`` without CLIP and
+    the 48-channel TI2V-5B takes neither; the blocks are the same.
     """
 
     dim: int = 1536
@@ -38,6 +42,7 @@ class DiTConfig:
     camera_in_dim: int | None = None
     vace_layers: tuple[int, ...] = field(default=())
     vace_in_dim: int = 96
+    family: str = "wan2.1"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
@@ -46,6 +51,10 @@ class DiTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if (self.dim // self.num_heads) % 2:
             raise ValueError(f"head dim {self.dim // self.num_heads} must be even for RoPE")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown DiT family {self.family!r}; expected one of {', '.join(FAMILIES)}")
+        if self.family == "wan2.2" and self.image_input:
+            raise ValueError("Wan 2.2 DiTs have no CLIP image branch: image_input must be False")
         if self.image_pos_emb and not self.image_input:
             raise ValueError("image_pos_emb (FLF2V) needs image_input=True")
         bad = [i for i in self.vace_layers if not 0 <= i < self.num_layers]
@@ -61,6 +70,8 @@ class DiTConfig:
     @property
     def variant(self) -> str:
         """Short label of the architecture variant (for logs and tables)."""
+        if self.family == "wan2.2":
+            return "wan2.2-" + ("ti2v" if self.in_dim == 48 else "i2v" if self.in_dim == 36 else "t2v")
         if self.vace_layers:
             return "vace"
         if self.camera_in_dim is not None:
@@ -88,12 +99,19 @@ class DiTConfig:
         return cls(**data)
 
     @classmethod
-    def from_official(cls, kwargs: dict[str, Any], clip_dim: int = 1280) -> "DiTConfig":
-        """From the official ``WanModel``/``VaceWanModel`` kwargs (the released ``config.json``)."""
+    def from_official(cls, kwargs: dict[str, Any], clip_dim: int = 1280,
+                      family: str | None = None) -> "DiTConfig":
+        """From the official ``WanModel``/``VaceWanModel`` kwargs (the released ``config.json``).
+
+        ``family`` None means "wan2.2" for model_type ti2v, else "wan2.1"; a Wan 2.2 i2v or t2v expert
+        has the same ``config.json`` fields as Wan 2.1, so its caller must say ``family="wan2.2"``.
+        """
         kw = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         model_type = kw.pop("model_type", "t2v")
-        if model_type not in ("t2v", "i2v", "flf2v", "vace"):
-            raise ValueError(f"unknown official model_type {model_type!r}; expected t2v, i2v, flf2v or vace")
+        family = family or ("wan2.2" if model_type == "ti2v" else "wan2.1")
+        known = ("t2v", "i2v", "ti2v") if family == "wan2.2" else ("t2v", "i2v", "flf2v", "vace")
+        if model_type not in known:
+            raise ValueError(f"unknown official {family} model_type {model_type!r}; expected {', '.join(known)}")
         window = tuple(kw.pop("window_size", (-1, -1)))
         if window != (-1, -1):
             raise ValueError(f"local attention window {window} is not used by any released model")
@@ -106,11 +124,12 @@ class DiTConfig:
             **{k: kw[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim",
                                   "text_dim", "text_len", "freq_dim", "patch_size", "eps", "qk_norm",
                                   "cross_attn_norm") if k in kw},
-            image_input=model_type in ("i2v", "flf2v"),
+            image_input=family == "wan2.1" and model_type in ("i2v", "flf2v"),
             image_pos_emb=model_type == "flf2v",
             clip_dim=clip_dim,
             vace_layers=tuple(vace_layers or ()),
             vace_in_dim=96 if vace_in_dim is None else vace_in_dim,
+            family=family,
         )
 
     @classmethod
@@ -156,7 +175,9 @@ def dit_config_from_state_dict(sd: Mapping[str, Any], num_heads: int | None = No
 
     Heads cannot be read from shapes; every released DiT has head dim 128, which is assumed unless
     ``num_heads`` is given (the official ``config.json`` beside a checkpoint states it). A width
-    that is no multiple of 128 falls back to a single head.
+    that is no multiple of 128 falls back to a single head. Shapes no Wan 2.1 DiT has mark a Wan 2.2
+    DiT: 48 output channels (TI2V-5B), or 36 input channels without CLIP, reference, camera or VACE
+    inputs (I2V-A14B expert). A Wan 2.2 T2V expert has Wan2.1-T2V-14B's shapes and reads as "wan2.1".
     """
     required = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight",
                 "blocks.0.ffn.0.weight", "head.head.weight"]
@@ -169,6 +190,9 @@ def dit_config_from_state_dict(sd: Mapping[str, Any], num_heads: int | None = No
     num_layers = _count_indexed(sd, "blocks")
     camera = sd.get("control_adapter.conv.weight")
     clip = sd.get("img_emb.proj.0.weight")
+    out_dim = sd["head.head.weight"].shape[0] // math.prod(patch_size)
+    plain = clip is None and camera is None and not vace_blocks and "ref_conv.weight" not in sd
+    wan22 = plain and (out_dim == 48 or in_dim == 36)
     return DiTConfig(
         dim=dim,
         in_dim=in_dim,
@@ -177,7 +201,7 @@ def dit_config_from_state_dict(sd: Mapping[str, Any], num_heads: int | None = No
         num_heads=num_heads or (dim // 128 if dim % 128 == 0 else 1),
         text_len=text_len,
         num_layers=num_layers,
-        out_dim=sd["head.head.weight"].shape[0] // math.prod(patch_size),
+        out_dim=out_dim,
         text_dim=sd["text_embedding.0.weight"].shape[1],
         freq_dim=sd["time_embedding.0.weight"].shape[1],
         qk_norm="blocks.0.self_attn.norm_q.weight" in sd,
@@ -190,6 +214,7 @@ def dit_config_from_state_dict(sd: Mapping[str, Any], num_heads: int | None = No
         # Released VACE files place their blocks evenly from layer 0 (every 2nd of 30, every 5th of 40).
         vace_layers=tuple(range(0, num_layers, num_layers // vace_blocks))[:vace_blocks] if vace_blocks else (),
         vace_in_dim=sd["vace_patch_embedding.weight"].shape[1] if vace_blocks else 96,
+        family="wan2.2" if wan22 else "wan2.1",
     )
 
 

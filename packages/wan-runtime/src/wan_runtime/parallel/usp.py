@@ -1,8 +1,9 @@
 """Unified sequence parallel (USP): the DiT's video tokens split across the ranks of a process group.
 
 After :meth:`WanDiT.prepare` each rank keeps one contiguous slice of the token sequence (padded at
-the end to a multiple of the world size) with the matching RoPE rows; VACE hints are computed on
-the same slices. Everything in a block except self-attention works token by token, so it runs on the
+the end to a multiple of the world size) with the matching RoPE rows and, for per-token timesteps
+(Wan 2.2), the matching rows of the block modulation ``e0``; VACE hints are computed on the same
+slices. Everything in a block except self-attention works token by token, so it runs on the
 slice as it is. Cross-attention needs nothing: its queries are local and the text context is
 replicated. Self-attention is Ulysses: one all-to-all turns the q/k/v slices into whole sequences of
 a subset of the heads, the attention backend that was installed attends over the real (unpadded)
@@ -96,9 +97,10 @@ def same_noise_on_every_rank(pipe: Any, request: Any, cond: Any) -> None:
 
 @dataclass
 class ShardedInputs(DiTInputs):
-    """:class:`DiTInputs` whose ``tokens``, ``rope`` rows and ``hints`` are this rank's slice.
+    """:class:`DiTInputs` whose ``tokens``, ``rope`` rows, ``hints`` and per-token ``e0`` are this rank's slice.
 
     ``length`` is the real sequence length; the slices cover it padded to a multiple of the world size.
+    ``e`` stays whole: the head runs on the gathered sequence.
     """
 
     length: int
@@ -179,6 +181,8 @@ class SequenceParallelDiT:
         values = {f.name: getattr(full, f.name) for f in fields(full)}
         values.update(tokens=self.parallel.shard(full.tokens, 1),
                       rope=tuple(self.parallel.shard(table, 0) for table in full.rope))
+        if full.e0.ndim == 4:  # per-token modulation [B, L, 6, dim] goes with its tokens
+            values.update(e0=self.parallel.shard(full.e0, 1))
         sharded = ShardedInputs(**values, length=length)
         if vace_context is not None:
             sharded.hints = self._vace_hints(sharded, vace_context)
