@@ -1,5 +1,8 @@
 """Wan-VAE decode: ours vs diffusers' AutoencoderKLWan vs DiffSynth's WanVideoVAE, untiled and tiled.
 
+``--family wan22``: the Wan2.2 VAE (``WanVAE22``) against diffusers' ``AutoencoderKLWan(is_residual=True)``
+(the official keys renamed by :func:`diffusers_keys22`); DiffSynth's row says why it does not run.
+
 Same random weights in all three (the official keys for ours, ``wan_models.convert(..., to="diffusers")``
 for diffusers, the official keys under DiffSynth's ``model.`` prefix for DiffSynth), loaded strictly.
 Timing: fresh random normalised latents each round, the same latents for every implementation,
@@ -12,16 +15,18 @@ on CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the call
 
 Tiling: ours and DiffSynth take tile size/stride in latent units (the DiffSynth pipeline's defaults
 (30, 52)/(15, 26) are ours too); diffusers takes pixels (``enable_tiling(tile_sample_min_height=8*size,
-..., tile_sample_stride_height=8*stride, ...)``) and tiles only frames larger than one tile.
+..., tile_sample_stride_height=8*stride, ...)``, 16 for wan22) and tiles only frames larger than one tile.
 
     python benchmarks/vae_decode.py                     # GPU: 81 frames 480x832 bf16; CPU: 9x256x256 fp32
     python benchmarks/vae_decode.py --frames 5 --height 128 --width 128 --tile-size 8 8 --tile-stride 4 4
+    python benchmarks/vae_decode.py --family wan22 --frames 5 --height 128 --width 128 --tile-size 4 4 --tile-stride 2 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -34,37 +39,91 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import peers  # noqa: E402
 from timing import sync  # noqa: E402
+from wan_models.vae import VAEConfig, WanVAE  # noqa: E402
+from wan_models.vae22 import VAE22Config, WanVAE22  # noqa: E402
 
 IMPLS = ("ours", "diffusers", "diffsynth")
 Decode = Callable[[torch.Tensor], torch.Tensor]  # normalised latents -> video in [-1, 1]
+
+# Official Wan2.2 VAE key -> diffusers AutoencoderKLWan(is_residual=True) key, first match wins.
+_KEYS22 = [(re.compile(a), b) for a, b in (
+    (r"^conv1\.", "quant_conv."), (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
+    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."), (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
+    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
+    (r"^(encoder|decoder)\.middle\.([02])\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) // 2}."),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)", r"encoder.down_blocks.\1.downsampler.\2"),
+    (r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)", r"decoder.up_blocks.\1.upsampler.\2"),
+    (r"^decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2."),
+)]
+_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
+             "shortcut.": "conv_shortcut."}
+
+
+def diffusers_keys22(state_dict: dict) -> dict:
+    """The official Wan2.2 VAE state dict under diffusers' ``AutoencoderKLWan`` names."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _KEYS22:
+            new, n = pattern.subn(repl, key)
+            if n:
+                key = new
+                break
+        for a, b in _RESIDUAL.items():
+            key = key.replace(a, b)
+        out[key] = value
+    return out
+
+
+def _diffusers_vae_class() -> type:
+    """diffusers' ``AutoencoderKLWan``, imported without this folder on ``sys.path``: its ``kernels.py``
+    would shadow the ``kernels`` package that diffusers imports."""
+    here = Path(__file__).parent.resolve()
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    try:
+        from diffusers import AutoencoderKLWan
+    finally:
+        sys.path[:] = saved
+    return AutoencoderKLWan
 
 
 def build(name: str, state_dict: dict, config, device: torch.device, dtype: torch.dtype, tiled: bool,
           tile_size, tile_stride) -> Decode | str:
     """One implementation's decode at our weights, or why it cannot run."""
-    from wan_models.vae import WanVAE
-
+    wan22 = isinstance(config, VAE22Config)
     if name == "ours":
-        model = WanVAE(config)
+        model = (WanVAE22 if wan22 else WanVAE)(config)
         model.load_state_dict(state_dict, strict=True)
         model = model.to(device, dtype).eval()
         return lambda z: model.decode(z, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
     if name == "diffusers":
         try:
-            from diffusers import AutoencoderKLWan
+            AutoencoderKLWan = _diffusers_vae_class()
         except ImportError as e:
             return f"not installed ({e})"
         import wan_models
         from wan_models.formats import diffusers as diffusers_format
 
-        kwargs = {k: v for k, v in diffusers_format.vae_config(config).items() if not k.startswith("_")}
-        model = AutoencoderKLWan(**kwargs)
-        model.load_state_dict(wan_models.convert(state_dict, to="diffusers"), strict=True)
+        if wan22:  # the Wan 2.2 layout: residual stages, 2x2 patchify (12 channels in and out), 4x16x16
+            model = AutoencoderKLWan(
+                base_dim=config.dim, decoder_base_dim=config.dec_dim, z_dim=config.z_dim,
+                dim_mult=list(config.dim_mult), num_res_blocks=config.num_res_blocks,
+                temperal_downsample=list(config.temperal_downsample), dropout=config.dropout,
+                latents_mean=list(config.latents_mean), latents_std=list(config.latents_std), is_residual=True,
+                in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)
+            model.load_state_dict(diffusers_keys22(state_dict), strict=True)
+        else:
+            kwargs = {k: v for k, v in diffusers_format.vae_config(config).items() if not k.startswith("_")}
+            model = AutoencoderKLWan(**kwargs)
+            model.load_state_dict(wan_models.convert(state_dict, to="diffusers"), strict=True)
         model = model.to(device, dtype).eval()
         if tiled:
-            model.enable_tiling(tile_sample_min_height=8 * tile_size[0], tile_sample_min_width=8 * tile_size[1],
-                                tile_sample_stride_height=8 * tile_stride[0],
-                                tile_sample_stride_width=8 * tile_stride[1])
+            f = config.spatial_factor
+            model.enable_tiling(tile_sample_min_height=f * tile_size[0], tile_sample_min_width=f * tile_size[1],
+                                tile_sample_stride_height=f * tile_stride[0],
+                                tile_sample_stride_width=f * tile_stride[1])
         mean = torch.tensor(config.latents_mean, device=device).view(1, -1, 1, 1, 1)
         std = torch.tensor(config.latents_std, device=device).view(1, -1, 1, 1, 1)
         # As WanPipeline does before vae.decode: undo the normalisation.
@@ -88,22 +147,22 @@ def build(name: str, state_dict: dict, config, device: torch.device, dtype: torc
 
 
 def random_state_dict(config) -> dict:
-    from wan_models.vae import WanVAE
-
     torch.manual_seed(0)
-    return WanVAE(config).state_dict()  # the module's own initialisation
+    return (WanVAE22 if isinstance(config, VAE22Config) else WanVAE)(config).state_dict()  # own initialisation
 
 
 def latent_shape(args, config) -> tuple[int, ...]:
-    return (1, config.z_dim, 1 + (args.frames - 1) // 4, args.height // 8, args.width // 8)
+    f = config.spatial_factor
+    return (1, config.z_dim, 1 + (args.frames - 1) // 4, args.height // f, args.width // f)
 
 
 def setup(args):
-    from wan_models.vae import VAEConfig
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = VAEConfig(dim=args.dim)
+    if args.family == "wan22":
+        config = VAE22Config(dim=args.dim or 160, dec_dim=args.dec_dim or 256)
+    else:
+        config = VAEConfig(dim=args.dim or 96)
     return device, dtype, config
 
 
@@ -149,7 +208,9 @@ def decode_flops(fn, shape: tuple[int, ...], device: torch.device, dtype: torch.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=96, help="VAE base width (released: 96)")
+    parser.add_argument("--family", choices=("wan21", "wan22"), default="wan21", help="Wan 2.1 or Wan 2.2 VAE")
+    parser.add_argument("--dim", type=int, default=None, help="VAE (encoder) base width (released: 96; wan22 160)")
+    parser.add_argument("--dec-dim", type=int, default=None, help="wan22 decoder width (released: 256)")
     parser.add_argument("--frames", type=int, default=None, help="video frames, 1 + 4k (81 GPU, 9 CPU)")
     parser.add_argument("--height", type=int, default=None, help="480 GPU, 256 CPU")
     parser.add_argument("--width", type=int, default=None, help="832 GPU, 256 CPU")
@@ -201,7 +262,8 @@ def main() -> None:
 
     memory = {}
     if not args.no_memory:
-        forwarded = [f"--dim={args.dim}", f"--frames={args.frames}", f"--height={args.height}",
+        forwarded = [f"--family={args.family}", f"--dim={config.dim}", f"--dec-dim={getattr(config, 'dec_dim', 0)}",
+                     f"--frames={args.frames}", f"--height={args.height}",
                      f"--width={args.width}", "--tile-size", *map(str, args.tile_size),
                      "--tile-stride", *map(str, args.tile_stride)]
         for key in runnable:
@@ -210,7 +272,8 @@ def main() -> None:
             memory[key] = json.loads(done.stdout.strip().splitlines()[-1])
 
     where = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"# Wan-VAE decode, dim {args.dim}, random weights, {str(dtype)[6:]}, {where}; video "
+    widths = f"dim {config.dim}" + (f", dec_dim {config.dec_dim}" if args.family == "wan22" else "")
+    print(f"# {args.family} VAE decode, {widths}, random weights, {str(dtype)[6:]}, {where}; video "
           f"{args.frames}x{args.height}x{args.width} (latents {shape[2:]}); tiles {tuple(args.tile_size)} stride "
           f"{tuple(args.tile_stride)} latent units; median of {args.rounds} interleaved rounds")
     mem_name = "peak alloc MiB" if gpu else "call peak RSS MiB"

@@ -216,6 +216,13 @@ class WanVAE22(WanVAE):
                              f"width that are multiples of {f}")
         return super().encode(video, normalize=normalize, tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
 
+    def decode(self, latents: torch.Tensor, *, normalized: bool = True, clamp: bool = True, tiled: bool = False,
+               tile_size: Sequence[int] = (30, 52), tile_stride: Sequence[int] = (15, 26)) -> torch.Tensor:
+        """Latents ``[B, 48, T, h, w]`` -> video ``[B, 3, 1+4(T-1), 16h, 16w]``, clamped to [-1, 1] unless
+        ``clamp=False``; see :meth:`WanVAE.decode` for the options (tile sizes in latent units)."""
+        return super().decode(latents, normalized=normalized, clamp=clamp, tiled=tiled, tile_size=tile_size,
+                              tile_stride=tile_stride)
+
 
 def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> VAE22Config:
     """Infers the :class:`VAE22Config` of a checkpoint from its key names and shapes.
