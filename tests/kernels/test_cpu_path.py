@@ -54,11 +54,11 @@ def test_inplace_gelu_mlp_keeps_autograd_working() -> None:
     torch.testing.assert_close(grad_fast, grad_plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("batch", [1, 2], ids=["folded-affine", "fallback"])
-def test_modulate_matches_reference(batch: int) -> None:
+@pytest.mark.parametrize("batch, rows", [(1, 1), (2, 1), (1, 24)], ids=["folded-affine", "fallback", "per-token"])
+def test_modulate_matches_reference(batch: int, rows: int) -> None:
     g = _gen(2)
     x = torch.randn(batch, 24, 64, generator=g) * 3 + 1
-    shift, scale = torch.randn(batch, 1, 64, generator=g), torch.randn(batch, 1, 64, generator=g)
+    shift, scale = torch.randn(batch, rows, 64, generator=g), torch.randn(batch, rows, 64, generator=g)
     torch.testing.assert_close(cpu.modulate(x, shift, scale, 1e-6), ops.modulate(x, shift, scale, 1e-6), **F32)
 
 
@@ -80,11 +80,14 @@ def test_apply_rope_matches_reference(dtype: torch.dtype, contiguous: bool) -> N
     torch.testing.assert_close(out, ops.apply_rope(x, cos, sin), **tol)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_optimized_dit_matches_plain(batch: int) -> None:
+@pytest.mark.parametrize("batch, per_token", [(1, False), (2, False), (1, True)])
+def test_optimized_dit_matches_plain(batch: int, per_token: bool) -> None:
     model = random_dit()
     keys = model.state_dict().keys()
     x, t, ctx = dit_inputs(batch=batch)
+    if per_token:  # Wan 2.2 timesteps: one per patched token, e.g. frame 0 at t=0 for image-to-video
+        tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+        t = torch.rand(batch, tokens, generator=_gen(7)) * 1000
     with torch.no_grad():
         plain = model(x, t, ctx)
         report = wan_kernels.optimize_for_cpu(model)

@@ -53,8 +53,9 @@ def inplace_gelu_mlps(model: nn.Module) -> list[str]:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """``ops.modulate`` with the shift/scale folded into LayerNorm's affine (one pass) for batch 1."""
-    if shift.shape[0] != 1 or scale.shape[0] != 1 or torch.compiler.is_compiling():
+    """``ops.modulate`` with the shift/scale folded into LayerNorm's affine (one pass) when one shift/scale
+    row serves every token (batch 1, per-video timestep); per-token modulation takes the plain path."""
+    if shift.shape[:-1].numel() != 1 or scale.shape[:-1].numel() != 1 or torch.compiler.is_compiling():
         return wan_ops.modulate(x, shift, scale, eps)
     return F.layer_norm(x.float(), x.shape[-1:], (1 + scale).reshape(-1), shift.reshape(-1), eps)
 

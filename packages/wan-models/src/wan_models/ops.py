@@ -27,12 +27,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift`` in float32 (no affine); ``shift/scale [B, 1, C]``."""
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32 (no affine); ``shift/scale [B, 1, C]`` (or ``[B, L, C]`` per token)."""
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps) * (1 + scale) + shift
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``x + y * gate`` with the float32 residual ``x``; ``gate [B, 1, C]``."""
+    """``x + y * gate`` with the float32 residual ``x``; ``gate [B, 1, C]`` (or ``[B, L, C]``)."""
     return x + y * gate
 
 
