@@ -27,7 +27,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift`` in float32 (no affine); ``shift/scale [B, 1, C]`` (or ``[B, L, C]`` per token)."""
+    """``LayerNorm(x) * (1 + scale) + shift`` in float32 (no affine); ``shift/scale [B, 1, C]``, or
+    ``[B, L, C]`` with per-token timesteps."""
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps) * (1 + scale) + shift
 
 
