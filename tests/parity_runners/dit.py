@@ -9,7 +9,7 @@ from parity_support import ParityCase
 from wan_models import DiTConfig, MotionController, MotionControllerConfig, WanDiT
 
 
-def _build(config: DiTConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+def build(config: DiTConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     with torch.device("meta"):
         model = WanDiT(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -18,7 +18,7 @@ def _build(config: DiTConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.M
 
 def official_dit(case: ParityCase) -> dict[str, torch.Tensor]:
     clip_dim = case.constants.get("clip_dim", 1280)
-    model = _build(DiTConfig.from_official(case.config, clip_dim=clip_dim), case.weights)
+    model = build(DiTConfig.from_official(case.config, clip_dim=clip_dim), case.weights)
     i = case.inputs
     clip = i.get("clip_fea")
     with torch.no_grad():
@@ -32,7 +32,7 @@ def diffsynth_model_fn(case: ParityCase) -> dict[str, torch.Tensor]:
     clip_dim = case.constants.get("clip_dim", 1280)
     config = DiTConfig.from_diffsynth(case.config, clip_dim=clip_dim,
                                       vace=case.spec.get("diffsynth_vace_config"))
-    model = _build(config, case.weights)
+    model = build(config, case.weights)
     i = case.inputs
     motion = None
     if "motion_bucket_id" in i:

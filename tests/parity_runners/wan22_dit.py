@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from parity_runners.dit import _build
+from parity_runners.dit import build
 from parity_support import ParityCase
 from wan_models import DiTConfig
 
 
 def wan22_dit(case: ParityCase) -> dict[str, torch.Tensor]:
     """``out``: one batched call with ``t_tokens [B, L]``; ``out_t1d``: one call per row with ``t[b:b+1]``."""
-    model = _build(DiTConfig.from_official(case.config, family="wan2.2"), case.weights)
+    model = build(DiTConfig.from_official(case.config, family="wan2.2"), case.weights)
     i = case.inputs
     # The reference zero-pads every prompt to text_len and attends the padding.
     context = torch.stack([F.pad(row[:n], (0, 0, 0, model.config.text_len - int(n)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -575,8 +575,13 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> VAEConfig:
         attn_scales=tuple(1.0 / 2**i for i, level in enumerate(levels) if level["attention"]),
         temperal_downsample=tuple(temporal),
     )
+    return check_inferred(WanVAE, config, state_dict)
+
+
+def check_inferred(module: type[nn.Module], config: Any, state_dict: Mapping[str, torch.Tensor]) -> Any:
+    """``config`` if ``module(config)`` (built on meta) has exactly the keys and shapes of ``state_dict``."""
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in WanVAE(config).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in module(config).state_dict().items()}
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != expected[k])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .vae import (AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm, StreamCache, VAEConfig, WanVAE,
-                  _norm_silu_conv, _run_blocks)
+                  _norm_silu_conv, _run_blocks, check_inferred)
 
 # Released latent statistics (``Wan2_2_VAE.__init__`` of Wan-Video/Wan2.2): z = (mu - mean) / std.
 LATENTS_MEAN = (
@@ -255,12 +255,4 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> VAE22Confi
         raise ValueError(f"z_dim {z_dim}: the released Wan2.2 latent statistics cover {len(LATENTS_MEAN)} channels")
     config = VAE22Config(dim=dim, dec_dim=dec_dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=blocks,
                          temperal_downsample=temporal)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in WanVAE22(config).state_dict().items()}
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        raise ValueError(f"state dict does not match inferred {config}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
-    return config
+    return check_inferred(WanVAE22, config, state_dict)
