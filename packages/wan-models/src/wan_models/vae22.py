@@ -112,18 +112,21 @@ class Resample22(Resample):
             self.resample[1] = nn.Conv2d(dim, dim, 3, padding=1)
 
 
+def _stage(in_dim: int, out_dim: int, blocks: int, dropout: float, resample: str | None) -> nn.Sequential:
+    """``blocks`` residual blocks to ``out_dim``, then the ``resample`` mode's :class:`Resample22` if any."""
+    layers: list[nn.Module] = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, dropout) for i in range(blocks)]
+    if resample is not None:
+        layers.append(Resample22(out_dim, resample))
+    return nn.Sequential(*layers)
+
+
 class DownStage(nn.Module):
     """``Down_ResidualBlock``: residual blocks, an optional downsample, plus the ``AvgDown3D`` shortcut."""
 
     def __init__(self, in_dim: int, out_dim: int, blocks: int, dropout: float, temporal: bool, spatial: bool) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(blocks):
-            layers.append(ResidualBlock(in_dim, out_dim, dropout))
-            in_dim = out_dim
-        if spatial:
-            layers.append(Resample22(out_dim, "downsample3d" if temporal else "downsample2d"))
-        self.downsamples = nn.Sequential(*layers)
+        self.downsamples = _stage(in_dim, out_dim, blocks, dropout, ("downsample3d" if temporal else "downsample2d")
+                                  if spatial else None)
         self.out_dim, self.factor_t, self.factor_s = out_dim, 2 if temporal else 1, 2 if spatial else 1
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
@@ -136,13 +139,8 @@ class UpStage(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, blocks: int, dropout: float, temporal: bool, spatial: bool) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(blocks):
-            layers.append(ResidualBlock(in_dim, out_dim, dropout))
-            in_dim = out_dim
-        if spatial:
-            layers.append(Resample22(out_dim, "upsample3d" if temporal else "upsample2d"))
-        self.upsamples = nn.Sequential(*layers)
+        self.upsamples = _stage(in_dim, out_dim, blocks, dropout, ("upsample3d" if temporal else "upsample2d")
+                                if spatial else None)
         self.out_dim, self.factor_t, self.spatial = out_dim, 2 if temporal else 1, spatial
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
