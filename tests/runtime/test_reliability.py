@@ -236,6 +236,7 @@ def test_caps_refuse_before_any_network_runs(pipe, size, fragment) -> None:
     finally:
         pipe.limits = RequestLimits.from_env()
     assert fragment in str(error.value) and calls.count == 0
+    assert "GiB beyond the weights)" in str(error.value)  # the memory it would take, from the loaded networks
 
 
 def test_caps_come_from_the_environment(monkeypatch) -> None:

@@ -82,22 +82,31 @@ class RequestLimits:
                    max_pixels=_env_number("WAN_MAX_PIXELS", DEFAULT_MAX_PIXELS, int),
                    max_memory_gb=_env_number("WAN_MAX_MEMORY_GB", None, float))
 
-    def check_size(self, request: "GenerationRequest") -> None:
-        """Refuse a frame count or frame size above the caps (needs no network)."""
+    def check_size(self, request: "GenerationRequest", estimate: MemoryEstimate | None = None) -> None:
+        """Refuse a frame count or frame size above the caps (needs no network); with the loaded
+        networks' ``estimate`` the message also says the memory the request would take."""
+        need = "" if estimate is None else f" (it would need about {estimate.total / GIB:.1f} GiB beyond the weights)"
         if request.num_frames > self.max_frames:
-            raise RequestTooLarge(f"num_frames={request.num_frames} is above the limit of {self.max_frames} frames; "
-                                  "generate fewer frames, or raise the limit with WAN_MAX_FRAMES (pipe.limits."
-                                  "max_frames in Python)")
+            raise RequestTooLarge(f"num_frames={request.num_frames} is above the limit of {self.max_frames} frames"
+                                  f"{need}; generate fewer frames, or raise the limit with WAN_MAX_FRAMES "
+                                  "(pipe.limits.max_frames in Python)")
         pixels = request.height * request.width
         if pixels > self.max_pixels:
             raise RequestTooLarge(f"{request.width}x{request.height} ({pixels:,} pixels per frame) is above the limit "
-                                  f"of {self.max_pixels:,} pixels; lower width/height, or raise the limit with "
+                                  f"of {self.max_pixels:,} pixels{need}; lower width/height, or raise the limit with "
                                   "WAN_MAX_PIXELS (pipe.limits.max_pixels in Python)")
 
-    def check_memory(self, pipe: "WanVideoPipeline", request: "GenerationRequest") -> MemoryEstimate:
+    def check(self, pipe: "WanVideoPipeline", request: "GenerationRequest") -> MemoryEstimate:
+        """Both checks for the loaded networks: the caps (naming the memory needed), then the memory."""
+        estimate = estimate_memory(pipe, request)
+        self.check_size(request, estimate)
+        return self.check_memory(pipe, request, estimate)
+
+    def check_memory(self, pipe: "WanVideoPipeline", request: "GenerationRequest",
+                     estimate: MemoryEstimate | None = None) -> MemoryEstimate:
         """Refuse a request whose estimated activations exceed the free memory of the compute device
         (or ``max_memory_gb``); returns the estimate."""
-        estimate = estimate_memory(pipe, request)
+        estimate = estimate or estimate_memory(pipe, request)
         if self.max_memory_gb is not None:
             limit, what = int(self.max_memory_gb * GIB), f"the limit of {self.max_memory_gb:g} GiB (WAN_MAX_MEMORY_GB)"
         else:

@@ -241,8 +241,7 @@ class WanVideoPipeline:
         """Set the schedule and run every unit: the DiT inputs of the first step."""
         if self.dit is None:
             raise ValueError("no DiT is loaded; pass its file in model_configs")
-        self.limits.check_size(request)
-        self.limits.check_memory(self, request)
+        self.limits.check(self, request)
         self._set_schedule(request)
         cond = Conditioning()
         for unit in self.units:
