@@ -34,7 +34,7 @@ LORA = ("--lora_base_model", "dit", "--lora_rank", "4")
 
 def leftovers(folder: Path) -> list[Path]:
     """Temporary files and unfinished resume states under ``folder``."""
-    return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".wan-train-write-check" in p.name]
+    return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".wan-write-check" in p.name]
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -51,12 +51,17 @@ def check_writable(path: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".wan-write-check.")
+        probe_folder(folder)
     except OSError as e:
         raise PermissionError(f"cannot write {path}: {folder} does not accept new files ({e.strerror})") from None
+    return path
+
+
+def probe_folder(folder: str | os.PathLike) -> None:
+    """Create and remove a file in ``folder``; the ``OSError`` of a folder that takes no new files."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".wan-write-check.")
     os.close(fd)
     os.unlink(probe)
-    return path
 
 
 class Terminated(KeyboardInterrupt):

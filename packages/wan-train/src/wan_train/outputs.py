@@ -11,14 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from safetensors import SafetensorError
 
-from wan_runtime.files import atomic_path
+from wan_runtime.files import atomic_path, probe_folder
 
 from .args import TrainingError
 
@@ -39,12 +38,10 @@ def check_output_folder(path: str | Path, flag: str) -> Path:
         raise TrainingError(f"{flag} {folder}: cannot create the folder ({e.strerror}); give a folder you can "
                             "write to") from None
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".wan-train-write-check.")
+        probe_folder(folder)
     except OSError as e:
         raise TrainingError(f"{flag} {folder}: cannot write files in this folder ({e.strerror}); give a folder "
                             "you can write to") from None
-    os.close(fd)
-    os.unlink(probe)
     return folder
 
 
