@@ -2,8 +2,9 @@
 
 An official DiT folder's ``config.json`` (the ``WanModel`` kwargs) states ``num_heads`` and
 ``text_len``, which shapes cannot show; a diffusers folder's states a DiT's heads, eps and VACE
-layers or a VAE's latent statistics. Every error is a :class:`CheckpointError` naming the file and
-the key at fault.
+layers (and, where its channels tell, the Wan 2.2 family) or a Wan 2.1 / 2.2 VAE's latent
+statistics; a VAE config.json of the other Wan VAE than the weights is an error. Every error is a
+:class:`CheckpointError` naming the file and the key at fault.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .formats import diffusers
 NAME = "config.json"
 OFFICIAL_DIT_KEYS = ("num_heads", "text_len")
 # Networks whose checkpoints may take sizes from a config.json (the others never read one).
-CONFIGURED_NETWORKS = ("dit", "vae")
+CONFIGURED_NETWORKS = ("dit", "vae", "vae22")
 
 
 class Field(NamedTuple):

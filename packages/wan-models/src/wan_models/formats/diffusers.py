@@ -1,15 +1,15 @@
-"""diffusers' layouts of the Wan 2.1 DiT and VAE, to and from the official keys.
+"""diffusers' layouts of the Wan 2.1 / 2.2 DiTs and VAEs, to and from the official keys.
 
 The ``*-Diffusers`` repositories hold the same weights as the released files under the names of
-``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` (``transformer/``) and
-``AutoencoderKLWan`` (``vae/``). Converting is renaming only: every tensor keeps its shape
-(``scale_shift_table`` is ``[1, 6, dim]`` like ``modulation``; VAE ``gamma`` shapes match too) and
-no projection is fused or split, so the converted dict holds the very same tensor objects.
+``WanTransformer3DModel`` / ``WanVACETransformer3DModel`` (``transformer/``, and ``transformer_2/``
+for the low-noise expert of Wan2.2-A14B) and ``AutoencoderKLWan`` (``vae/``). Converting is
+renaming only: every tensor keeps its shape (``scale_shift_table`` is ``[1, 6, dim]`` like
+``modulation``; VAE ``gamma`` shapes match too) and no projection is fused or split, so the
+converted dict holds the very same tensor objects. Wan 2.2 DiTs use the Wan 2.1 names (they only
+lack the CLIP branch); the VAE layouts are in :mod:`.diffusers_vae`.
 
-Two points need care. diffusers calls the cross-attention LayerNorm ``norm2`` where the release
-says ``norm3`` (the release's ``norm2``, before the FFN, has no parameters). And diffusers groups
-the VAE decoder's flat ``upsamples.N`` list into ``up_blocks.L.resnets.J`` / ``upsamplers.0``,
-which depends on the residual blocks per level; that count is read from the keys.
+diffusers calls the cross-attention LayerNorm ``norm2`` where the release says ``norm3`` (the
+release's ``norm2``, before the FFN, has no parameters).
 
 diffusers has no place for the Fun V1.1 reference conv, the Control-Camera adapter, the speed
 motion controller or VAE decoder attention; such keys raise ``ValueError`` naming them. This
@@ -24,7 +24,8 @@ import re
 from typing import Any, Mapping, TypeVar
 
 from ..dit_config import CLIP_TOKENS_PER_IMAGE, DiTConfig
-from ..vae import VAEConfig
+from .diffusers_vae import (VAE_CLASSES, VAE_SIGNATURES, check_vae_config, is_diffusers_vae, is_official_vae,
+                            vae22_keys, vae_config, vae_from_official, vae_keys, vae_to_official)
 from .keymap import KeyMap
 
 logger = logging.getLogger(__name__)
@@ -82,80 +83,10 @@ DIT_KEYS = KeyMap(_DIT_RULES, "official", "diffusers")
 # Keys some diffusers files carry that diffusers itself skips on load (``_keys_to_ignore_on_load_unexpected``).
 _IGNORED_DIT_KEYS = re.compile(r"blocks\.\d+\.attn2\.norm_added_q\.weight")
 
-# ---- VAE ------------------------------------------------------------------------------------
-
-# The parts of one layer, by kind of layer: (official, diffusers).
-_RESIDUAL = (
-    ("residual.0.gamma", "norm1.gamma"),
-    ("residual.2.{p}", "conv1.{p}"),
-    ("residual.3.gamma", "norm2.gamma"),
-    ("residual.6.{p}", "conv2.{p}"),
-    ("shortcut.{p}", "conv_shortcut.{p}"),
-)
-_ATTENTION = (("norm.gamma", "norm.gamma"), ("to_qkv.{p}", "to_qkv.{p}"), ("proj.{p}", "proj.{p}"))
-_RESAMPLE = (("resample.1.{p}", "resample.1.{p}"), ("time_conv.{p}", "time_conv.{p}"))
-_CONV = (("{p}", "{p}"),)
-_NORM = (("gamma", "gamma"),)
-
-# Where each layer sits: (official, diffusers, its parts). The encoder's flat layer list keeps its
-# numbering in diffusers; the decoder's is regrouped by level (see _decoder_places).
-_VAE_PLACES = (
-    ("conv1", "quant_conv", _CONV),
-    ("conv2", "post_quant_conv", _CONV),
-    ("{coder}.conv1", "{coder}.conv_in", _CONV),
-    ("{coder}.middle.0", "{coder}.mid_block.resnets.0", _RESIDUAL),
-    ("{coder}.middle.1", "{coder}.mid_block.attentions.0", _ATTENTION),
-    ("{coder}.middle.2", "{coder}.mid_block.resnets.1", _RESIDUAL),
-    ("{coder}.head.0", "{coder}.norm_out", _NORM),
-    ("{coder}.head.2", "{coder}.conv_out", _CONV),
-    ("encoder.downsamples.{n}", "encoder.down_blocks.{n}", _RESIDUAL + _ATTENTION + _RESAMPLE),
-)
-
-_OFFICIAL_DECODER_LAYER = re.compile(r"decoder\.upsamples\.(\d+)\..+")
-_DIFFUSERS_DECODER_LAYER = re.compile(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\..+")
-
-
-def _decoder_places(levels: int, blocks_per_level: int) -> list[tuple[str, str, tuple]]:
-    """Each decoder level is ``blocks_per_level`` residual blocks and then one upsampler (none after
-    the last level): official ``upsamples.N`` is slot ``N % (blocks_per_level + 1)`` of level
-    ``N // (blocks_per_level + 1)``. diffusers has no attention in these levels."""
-    places = []
-    for level in range(levels):
-        for slot in range(blocks_per_level + 1):
-            official = f"decoder.upsamples.{level * (blocks_per_level + 1) + slot}"
-            if slot < blocks_per_level:
-                places.append((official, f"decoder.up_blocks.{level}.resnets.{slot}", _RESIDUAL))
-            else:
-                places.append((official, f"decoder.up_blocks.{level}.upsamplers.0", _RESAMPLE))
-    return places
-
-
-def _decoder_layout(keys: Mapping[str, Any], *, official: bool) -> tuple[int, int]:
-    """``(levels, residual blocks per level)`` of a VAE decoder, read from its keys."""
-    if official:
-        layers = sorted({int(m.group(1)) for k in keys if (m := _OFFICIAL_DECODER_LAYER.fullmatch(k))})
-        upsamplers = [i for i in layers if f"decoder.upsamples.{i}.resample.1.weight" in keys]
-        per_level = upsamplers[0] if upsamplers else len(layers)
-        return (max(layers) // (per_level + 1) + 1 if layers else 0), per_level
-    found = [m.groups() for k in keys if (m := _DIFFUSERS_DECODER_LAYER.fullmatch(k))]
-    levels = len({level for level, _ in found})
-    per_level = len({resnet for level, resnet in found if level == "0" and resnet is not None})
-    return levels, per_level
-
-
-def vae_keys(levels: int, blocks_per_level: int) -> KeyMap:
-    """The official <-> diffusers key map of a Wan VAE whose decoder has this layout."""
-    places = (*_VAE_PLACES, *_decoder_places(levels, blocks_per_level))
-    return KeyMap(((f"{official}.{official_part}", f"{theirs}.{their_part}")
-                   for official, theirs, parts in places for official_part, their_part in parts),
-                  "official", "diffusers")
-
 # ---- state dicts ----------------------------------------------------------------------------
 
 DIT_SIGNATURES = ("condition_embedder.time_proj.weight", "blocks.0.attn1.to_q.weight")
-VAE_SIGNATURES = ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")
 _OFFICIAL_DIT = ("blocks.0.self_attn.q.weight",)
-_OFFICIAL_VAE = ("encoder.conv1.weight", "decoder.conv1.weight")
 
 
 def _has_any(sd: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
@@ -164,7 +95,7 @@ def _has_any(sd: Mapping[str, Any], keys: tuple[str, ...]) -> bool:
 
 def is_diffusers(sd: Mapping[str, Any]) -> bool:
     """Whether ``sd`` has diffusers' Wan DiT or VAE key names."""
-    return _has_any(sd, DIT_SIGNATURES) or _has_any(sd, VAE_SIGNATURES)
+    return _has_any(sd, DIT_SIGNATURES) or is_diffusers_vae(sd)
 
 
 def to_official(sd: Mapping[str, V]) -> dict[str, V]:
@@ -174,8 +105,8 @@ def to_official(sd: Mapping[str, V]) -> dict[str, V]:
         if ignored:
             logger.info("dropping %d unused attn2.norm_added_q keys (diffusers ignores them too)", len(ignored))
         return DIT_KEYS.apply({k: v for k, v in sd.items() if k not in ignored}, to_left=True)
-    if _has_any(sd, VAE_SIGNATURES):
-        return vae_keys(*_decoder_layout(sd, official=False)).apply(sd, to_left=True)
+    if is_diffusers_vae(sd):
+        return vae_to_official(sd)
     raise ValueError(f"not a diffusers Wan DiT or VAE state dict: none of {DIT_SIGNATURES + VAE_SIGNATURES}")
 
 
@@ -183,15 +114,14 @@ def from_official(sd: Mapping[str, V]) -> dict[str, V]:
     """diffusers keys for an official Wan DiT or VAE state dict; same values."""
     if _has_any(sd, _OFFICIAL_DIT):
         return DIT_KEYS.apply(sd)
-    if _has_any(sd, _OFFICIAL_VAE):
-        return vae_keys(*_decoder_layout(sd, official=True)).apply(sd)
+    if is_official_vae(sd):
+        return vae_from_official(sd)
     raise ValueError("diffusers has Wan layouts for the DiT and the VAE only (its text and image "
                      f"encoders are transformers models); this state dict has neither: {sorted(sd)[:5]}")
 
 # ---- config.json ----------------------------------------------------------------------------
 
 TRANSFORMER_CLASSES = ("WanTransformer3DModel", "WanVACETransformer3DModel")
-VAE_CLASSES = ("AutoencoderKLWan",)
 
 
 def is_diffusers_config(config_json: Mapping[str, Any]) -> bool:
@@ -201,7 +131,10 @@ def is_diffusers_config(config_json: Mapping[str, Any]) -> bool:
 
 # The config.json key of each config field that config_fields reads.
 CONFIG_KEYS = {"num_heads": "num_attention_heads", "eps": "eps", "vace_layers": "vace_layers",
-               "latents_mean": "latents_mean", "latents_std": "latents_std"}
+               "latents_mean": "latents_mean", "latents_std": "latents_std", "family": "in_channels"}
+# Channels no Wan 2.1 DiT without a CLIP branch has: TI2V-5B's 48 out, the I2V-A14B expert's 36 in
+# (the same rule as dit_config_from_state_dict's; a Wan 2.2 T2V expert cannot be told from Wan 2.1).
+WAN22_OUT_CHANNELS, WAN22_IN_CHANNELS = 48, 36
 
 
 def positive_int(value: Any) -> int:
@@ -234,6 +167,15 @@ _CONVERTERS = {"num_heads": (positive_int, "a positive integer"), "eps": (_numbe
                "latents_std": (_numbers, "a list of numbers")}
 
 
+def _family(config_json: Mapping[str, Any]) -> str | None:
+    """"wan2.2" when a transformer config.json can tell (see :data:`WAN22_OUT_CHANNELS`), else None."""
+    if config_json.get("image_dim") is not None or config_json.get("vace_layers"):
+        return None
+    wan22 = (config_json.get("out_channels") == WAN22_OUT_CHANNELS
+             or config_json.get("in_channels") == WAN22_IN_CHANNELS)
+    return "wan2.2" if wan22 and "in_channels" in config_json else None
+
+
 def _read_field(config_json: Mapping[str, Any], field: str) -> Any:
     convert, expected = _CONVERTERS[field]
     value = config_json[CONFIG_KEYS[field]]
@@ -244,28 +186,29 @@ def _read_field(config_json: Mapping[str, Any], field: str) -> Any:
 
 
 def config_fields(config_json: Mapping[str, Any], network: str) -> dict[str, Any]:
-    """The :class:`DiTConfig` (``network="dit"``) or :class:`VAEConfig` (``"vae"``) fields that a
-    diffusers ``config.json`` states and the weights cannot show: the DiT's heads, eps and VACE
-    layer placement, the VAE's latent statistics. A value of the wrong type raises ``ValueError``
-    naming its key (see :data:`CONFIG_KEYS`)."""
+    """The :class:`DiTConfig` (``network="dit"``), :class:`VAEConfig` (``"vae"``) or
+    :class:`VAE22Config` (``"vae22"``) fields that a diffusers ``config.json`` states and the
+    weights cannot show: the DiT's heads, eps, VACE layer placement and (where its channels tell)
+    family "wan2.2"; the VAE's latent statistics. A value of the wrong type raises ``ValueError``
+    naming its key (see :data:`CONFIG_KEYS`), and so does a VAE config of the other Wan VAE
+    (``is_residual`` against the weights)."""
     name = config_json.get("_class_name")
-    expected = {"dit": TRANSFORMER_CLASSES, "vae": VAE_CLASSES}.get(network, ())
+    expected = {"dit": TRANSFORMER_CLASSES, "vae": VAE_CLASSES, "vae22": VAE_CLASSES}.get(network, ())
     if name not in expected:
         raise ValueError(f"a diffusers {name!r} config.json does not describe a {network} checkpoint")
     if network == "dit":
-        return {f: _read_field(config_json, f) for f in ("num_heads", "eps", "vace_layers")
-                if CONFIG_KEYS[f] in config_json}
-    unsupported = {k: config_json[k] for k in ("is_residual", "patch_size") if config_json.get(k)}
-    if config_json.get("decoder_base_dim") not in (None, config_json.get("base_dim")):
-        unsupported["decoder_base_dim"] = config_json["decoder_base_dim"]
-    unsupported |= {k: config_json[k] for k in ("in_channels", "out_channels") if config_json.get(k, 3) != 3}
-    if unsupported:
-        raise ValueError(f"AutoencoderKLWan with {unsupported} is not the Wan 2.1 VAE (Wan 2.2?)")
+        out = {f: _read_field(config_json, f) for f in ("num_heads", "eps", "vace_layers")
+               if CONFIG_KEYS[f] in config_json}
+        family = _family(config_json)
+        return out | ({"family": family} if family else {})
+    check_vae_config(config_json, network)
     return {f: _read_field(config_json, f) for f in ("latents_mean", "latents_std") if CONFIG_KEYS[f] in config_json}
 
 
 def transformer_config(config: DiTConfig) -> dict[str, Any]:
-    """The diffusers ``config.json`` (with ``_class_name``) of a DiT; raises for parts diffusers lacks."""
+    """The diffusers ``config.json`` (with ``_class_name``) of a Wan 2.1 or 2.2 DiT; raises for parts
+    diffusers lacks. A Wan 2.2 DiT has no CLIP branch, so ``image_dim`` and ``added_kv_proj_dim``
+    are null whatever its channels (48 for TI2V-5B, 36 for the I2V-A14B experts)."""
     lacking = [name for name, present in (("ref_conv (Fun V1.1)", config.ref_conv),
                                           ("camera adapter (Fun Control-Camera)", config.camera_in_dim is not None),
                                           ("qk_norm=False", not config.qk_norm)) if present]
@@ -292,21 +235,3 @@ def transformer_config(config: DiTConfig) -> dict[str, Any]:
     if config.vace_layers:
         out.update(vace_layers=list(config.vace_layers), vace_in_channels=config.vace_in_dim)
     return out
-
-
-def vae_config(config: VAEConfig) -> dict[str, Any]:
-    """The diffusers ``config.json`` (with ``_class_name``) of a Wan VAE."""
-    if config.attn_scales:
-        raise ValueError(f"attn_scales {config.attn_scales}: diffusers' AutoencoderKLWan has no decoder attention")
-    return {
-        "_class_name": VAE_CLASSES[0],
-        "base_dim": config.dim,
-        "z_dim": config.z_dim,
-        "dim_mult": list(config.dim_mult),
-        "num_res_blocks": config.num_res_blocks,
-        "attn_scales": [],
-        "temperal_downsample": list(config.temperal_downsample),
-        "dropout": config.dropout,
-        "latents_mean": list(config.latents_mean),
-        "latents_std": list(config.latents_std),
-    }
