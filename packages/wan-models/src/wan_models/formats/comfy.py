@@ -1,19 +1,26 @@
 """ComfyUI's single-file layouts: official keys under a network prefix, weights often in fp8.
 
-ComfyUI stores the Wan DiT with the official key names under ``model.diffusion_model.`` and, in
-whole checkpoints, the VAE under ``vae.`` (older checkpoints: ``first_stage_model.``); its umT5 and
+ComfyUI stores the Wan DiT with the official key names, in whole checkpoints under
+``model.diffusion_model.`` and the VAE under ``vae.`` (older checkpoints: ``first_stage_model.``);
+its split files (``models/diffusion_models``, ``models/vae``) may carry the keys bare. Its umT5 and
 CLIP files use transformers' layouts, which are not handled here. Repackaged and community files
 store the weights in fp16, bf16 or ``float8_e4m3fn``; "scaled" fp8 files keep a per-tensor scale
 beside each quantised weight, so the weight is ``fp8_value * scale``:
 
 * legacy scaled fp8: ``<layer>.scale_weight`` (and ``<layer>.scale_input``, an activation scale,
-  plus a ``scaled_fp8`` marker tensor);
+  plus a ``scaled_fp8`` marker tensor, under the network prefix when there is one);
 * ComfyUI mixed precision: ``<layer>.weight_scale`` with a ``<layer>.comfy_quant`` JSON config
   (and ``<layer>.input_scale``).
 
+The same holds for Wan 2.2: the TI2V-5B DiT and the A14B experts are Wan DiTs in official keys
+(ComfyUI tells TI2V-5B by its 48 output channels), and ComfyUI's ``wan2.2_vae.safetensors`` is the
+official ``Wan2.2_VAE.pth`` keys without prefix (ComfyUI tells it from the Wan 2.1 VAE by the
+nested ``decoder.upsamples.0.upsamples.0.residual.2.weight``).
+
 Reading strips the prefix and dequantises (in float32, then cast to the requested dtype); the
 activation scales and markers are dropped, as weights-only inference does not use them. Writing
-adds the prefix; :func:`quantize_fp8` makes a legacy scaled (or plain) fp8 file.
+adds the whole-checkpoint prefix (``vae.`` for either VAE; a file for ComfyUI's ``models/vae``
+folder is the official layout); :func:`quantize_fp8` makes a legacy scaled (or plain) fp8 file.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ logger = logging.getLogger(__name__)
 DIT_PREFIX = "model.diffusion_model."
 VAE_PREFIXES = ("vae.", "first_stage_model.")
 PREFIXES = (DIT_PREFIX, *VAE_PREFIXES)
-WRITE_PREFIX = {"dit": DIT_PREFIX, "vae": VAE_PREFIXES[0]}
+# The network names of ``wan_models.detect``; "vae22" is the Wan 2.2 VAE.
+WRITE_PREFIX = {"dit": DIT_PREFIX, "vae": VAE_PREFIXES[0], "vae22": VAE_PREFIXES[0]}
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -132,9 +140,11 @@ def to_official(sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None
 
 
 def from_official(sd: Mapping[str, torch.Tensor], network: str) -> dict[str, torch.Tensor]:
-    """ComfyUI keys (prefix added, same tensors) for an official DiT (``"dit"``) or VAE (``"vae"``)."""
+    """ComfyUI keys (prefix added, same tensors) for an official DiT (``"dit"``) or VAE (``"vae"``,
+    ``"vae22"``), as a whole ComfyUI checkpoint holds them."""
     if network not in WRITE_PREFIX:
-        raise ValueError(f"ComfyUI keeps only the DiT and the VAE in official keys, not a {network!r}")
+        raise ValueError(f"ComfyUI keeps only the DiT and the VAEs in official keys, not a {network!r} "
+                         f"(expected one of {', '.join(WRITE_PREFIX)})")
     prefix = WRITE_PREFIX[network]
     return {prefix + k: v for k, v in sd.items()}
 
