@@ -129,6 +129,6 @@ def test_import_pulls_in_nothing_else() -> None:
 
 def test_wrong_network_for_the_request(tmp_path) -> None:
     save_file(random_weights(build(TINY)), tmp_path / "dit.safetensors")
-    with pytest.raises(CheckpointError, match="dit.safetensors holds a dit network, not the vae asked for"):
+    with pytest.raises(CheckpointError, match=r"dit.safetensors holds a DiT, not the Wan 2.1 VAE \(16 latent channels, Wan2.1_VAE.pth\) as asked for"):
         wan_models.load_model(tmp_path / "dit.safetensors", network="vae")
     assert isinstance(wan_models.load_model(tmp_path / "dit.safetensors", network="dit"), WanDiT)

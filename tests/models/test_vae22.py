@@ -187,9 +187,9 @@ def test_load_model_detects_the_wan22_vae_from_a_pth(tiny: WanVAE22, tmp_path: P
 def test_wan21_and_wan22_vae_files_are_not_interchangeable(tiny: WanVAE22, tmp_path: Path) -> None:
     path22 = _save(tiny, tmp_path / "Wan2.2_VAE.pth")
     path21 = _save(_randomize(WanVAE(VAEConfig(dim=4))), tmp_path / "Wan2.1_VAE.pth")
-    with pytest.raises(CheckpointError, match=r"Wan2\.2_VAE\.pth holds a vae22 network, not the vae asked for"):
+    with pytest.raises(CheckpointError, match=r"Wan2\.2_VAE\.pth holds the Wan 2\.2 VAE \(48 latent channels, Wan2\.2_VAE\.pth\), not the Wan 2\.1 VAE"):
         load_model(path22, network="vae")
-    with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth holds a vae network, not the vae22 asked for"):
+    with pytest.raises(CheckpointError, match=r"Wan2\.1_VAE\.pth holds the Wan 2\.1 VAE \(16 latent channels, Wan2\.1_VAE\.pth\), not the Wan 2\.2 VAE"):
         load_model(path21, network="vae22")
     assert type(load_model(path21)) is WanVAE
 

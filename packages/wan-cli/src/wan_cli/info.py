@@ -1,5 +1,5 @@
-"""``wan info FILE``: what a checkpoint holds — format, network, variant, stored dtypes, parameters,
-and whether every weight is finite."""
+"""``wan info FILE``: what a checkpoint holds — format, network, variant, family and expert (and what
+decided them), stored dtypes, parameters, and whether every weight is finite."""
 
 from __future__ import annotations
 
@@ -26,9 +26,13 @@ def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder 
     typer.echo(f"file:     {path}")
     typer.echo(f"format:   {ckpt.format}")
     typer.echo(f"network:  {ckpt.network.name}" + (f" ({variant})" if variant else ""))
+    if ckpt.identity is not None:
+        typer.echo(f"family:   {ckpt.identity.describe()}")
     typer.echo(f"stored:   {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())} ({len(stored)} tensors)")
     typer.echo(f"params:   {params:,} ({params / 1e9:.2f}B)")
-    matches = [name for name, spec in wan_models.MODELS.items() if spec.config == ckpt.config]
+    role = f" ({ckpt.identity.expert}-noise expert)" if ckpt.identity and ckpt.identity.expert else ""
+    matches = [name + (role if spec.experts else "") for name, spec in wan_models.MODELS.items()
+               if spec.config == ckpt.config]
     if matches:
         typer.echo(f"matches:  {', '.join(matches)}")
     typer.echo(f"config:   {ckpt.config}")

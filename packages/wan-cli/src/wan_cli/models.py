@@ -28,7 +28,7 @@ def models(
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", show_default=f"{DEFAULT_DIR}",
                                              help="Models folder to check for files."),
 ) -> None:
-    """List every known model: variant, size, files it needs and which are present."""
+    """List every known model: variant, size (per expert for an expert pair), files it needs and which are present."""
     import torch
 
     import wan_models
@@ -49,8 +49,9 @@ def models(
             module = WanDiT(spec.config) if is_dit else MotionController(spec.config)
         params = sum(p.numel() for p in module.parameters())
         variant = spec.config.variant if is_dit else f"speed control for {spec.base_model}"
+        size = f"{params / 1e9:.2f}B" + (f" x{len(spec.experts)}" if spec.experts else "")
         files = " ".join(_status(folder, spec.model_id, p, notes) + p for p in spec.files)
-        rows.append((name, variant, f"{params / 1e9:.2f}B", files))
+        rows.append((name, variant, size, files))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])

@@ -1,7 +1,10 @@
-"""The released Wan 2.1 models: real sizes, repositories and checkpoint file names (plain data).
+"""The released Wan 2.1 and 2.2 models: real sizes, repositories, checkpoint files and, for Wan 2.2,
+the official sampling settings (plain data).
 
 Every DiT has head dim 128, patch (1, 2, 2), freq_dim 256, text_dim 4096, text_len 512 and CLIP
-width 1280; the shared T5 encoder, VAE and CLIP files are the same in every repository.
+width 1280; the shared T5 encoder, VAE and CLIP files are the same in every repository. The Wan 2.2
+A14B models are two DiTs of one config, the high-noise expert in ``high_noise_model/`` and the
+low-noise one in ``low_noise_model/``; they keep the Wan 2.1 VAE, while TI2V-5B has its own.
 """
 
 from __future__ import annotations
@@ -13,9 +16,30 @@ from .dit_config import DiTConfig, MotionControllerConfig
 DIT_FILES = "diffusion_pytorch_model*.safetensors"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
+VAE22_FILE = "Wan2.2_VAE.pth"
+EXPERT_FOLDERS = ("high_noise_model/", "low_noise_model/")  # (high-noise, low-noise)
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 T5_TOKENIZER = "google/umt5-xxl/"
 CLIP_TOKENIZER = "xlm-roberta-large/"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """A model's official sampling settings (the Wan 2.2 repository's ``wan/configs``).
+
+    ``guidance`` is one scale, or (low-noise, high-noise) for an expert pair; ``boundary`` is the
+    switch point as a fraction of 1000 timesteps (the high-noise expert runs while t >= boundary*1000).
+    ``sizes`` are (height, width) pairs; ``samplers`` the solvers it ships with, the default first.
+    """
+
+    frames: int
+    fps: int
+    sizes: tuple[tuple[int, int], ...]
+    steps: int
+    shift: float
+    guidance: float | tuple[float, float]
+    boundary: float | None = None
+    samplers: tuple[str, ...] = ("unipc", "dpm++")
 
 
 @dataclass(frozen=True)
@@ -23,7 +47,8 @@ class ModelSpec:
     """One released model: where it lives and which network files it needs.
 
     ``files`` are glob patterns relative to the repository root (a trailing ``/`` is a folder).
-    ``config`` is the network its main file holds (a DiT, or the speed-control motion controller).
+    ``config`` is the network its main file holds (a DiT, or the speed-control motion controller);
+    ``experts`` the folders of an expert pair's DiTs (high-noise first), which share ``config``.
     """
 
     name: str
@@ -31,10 +56,22 @@ class ModelSpec:
     config: DiTConfig | MotionControllerConfig
     files: tuple[str, ...]
     base_model: str | None = None
+    experts: tuple[str, ...] = ()
+    sampling: Sampling | None = None
 
     @property
     def needs_image_encoder(self) -> bool:
         return isinstance(self.config, DiTConfig) and self.config.image_input
+
+    @property
+    def family(self) -> str:
+        """"wan2.1" or "wan2.2" (a motion controller belongs to its Wan 2.1 base model)."""
+        return self.config.family if isinstance(self.config, DiTConfig) else "wan2.1"
+
+    @property
+    def vae_file(self) -> str:
+        """The VAE file this model decodes with."""
+        return VAE22_FILE if VAE22_FILE in self.files else VAE_FILE
 
 
 SIZE_1_3B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
@@ -74,6 +111,27 @@ _SPECS = [
     ModelSpec("Wan2.1-1.3B-speedcontrol-v1", "DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1",
               MotionControllerConfig(freq_dim=256, dim=1536), ("model.safetensors",),
               base_model="Wan2.1-T2V-1.3B"),
+]
+
+SIZE_5B = dict(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30)
+WAN22 = dict(family="wan2.2")
+SIZES_480_720 = ((480, 832), (832, 480), (720, 1280), (1280, 720))
+_EXPERT_FILES = tuple(f"{folder}{name}" for folder in EXPERT_FOLDERS for name in (DIT_FILES, "config.json"))
+
+_SPECS += [
+    ModelSpec("Wan2.2-TI2V-5B", "Wan-AI/Wan2.2-TI2V-5B",
+              DiTConfig(in_dim=48, out_dim=48, **SIZE_5B, **WAN22),
+              (DIT_FILES, "config.json", T5_FILE, VAE22_FILE, T5_TOKENIZER),
+              sampling=Sampling(frames=121, fps=24, sizes=((704, 1280), (1280, 704)), steps=50, shift=5.0,
+                                guidance=5.0)),
+    ModelSpec("Wan2.2-T2V-A14B", "Wan-AI/Wan2.2-T2V-A14B", DiTConfig(**SIZE_14B, **WAN22),
+              _EXPERT_FILES + (T5_FILE, VAE_FILE, T5_TOKENIZER), experts=EXPERT_FOLDERS,
+              sampling=Sampling(frames=81, fps=16, sizes=SIZES_480_720, steps=40, shift=12.0, guidance=(3.0, 4.0),
+                                boundary=0.875)),
+    ModelSpec("Wan2.2-I2V-A14B", "Wan-AI/Wan2.2-I2V-A14B", DiTConfig(in_dim=36, **SIZE_14B, **WAN22),
+              _EXPERT_FILES + (T5_FILE, VAE_FILE, T5_TOKENIZER), experts=EXPERT_FOLDERS,
+              sampling=Sampling(frames=81, fps=16, sizes=SIZES_480_720, steps=40, shift=5.0, guidance=(3.5, 3.5),
+                                boundary=0.900)),
 ]
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}

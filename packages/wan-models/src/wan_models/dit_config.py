@@ -68,10 +68,26 @@ class DiTConfig:
         return self.dim // self.num_heads
 
     @property
+    def y_channels(self) -> int:
+        """Channels of the conditioning ``y`` concatenated to the noise (I2V: 4 mask + 16 latents)."""
+        return self.in_dim - self.out_dim
+
+    @property
+    def fuses_image_latents(self) -> bool:
+        """TI2V: an input image's latents replace the noise of latent frame 0 instead of entering as ``y``."""
+        return self.family == "wan2.2" and self.in_dim == self.out_dim and self.out_dim != 16
+
+    @property
+    def per_token_timesteps(self) -> bool:
+        """Whether the sampler passes ``t`` per token (``[B, L]``): TI2V gives the image's tokens timestep 0.
+        Any DiT accepts per-token ``t``; the others are sampled with one ``t`` per video."""
+        return self.fuses_image_latents
+
+    @property
     def variant(self) -> str:
         """Short label of the architecture variant (for logs and tables)."""
         if self.family == "wan2.2":
-            return "wan2.2-" + ("ti2v" if self.in_dim == 48 else "i2v" if self.in_dim == 36 else "t2v")
+            return "wan2.2-" + ("ti2v" if self.fuses_image_latents else "i2v" if self.y_channels else "t2v")
         if self.vace_layers:
             return "vace"
         if self.camera_in_dim is not None:
@@ -134,12 +150,26 @@ class DiTConfig:
 
     @classmethod
     def from_diffsynth(cls, kwargs: dict[str, Any], clip_dim: int = 1280,
-                       vace: dict[str, Any] | None = None) -> "DiTConfig":
-        """From DiffSynth ``WanModel`` kwargs (plus its separate ``VaceWanModel`` kwargs, if any)."""
-        unsupported = {k: kwargs[k] for k in ("seperated_timestep", "fuse_vae_embedding_in_latents")
-                       if kwargs.get(k)}
-        if unsupported:
-            raise ValueError(f"{unsupported} belong to Wan 2.2 models, which are not Wan 2.1 DiTs")
+                       vace: dict[str, Any] | None = None, family: str | None = None) -> "DiTConfig":
+        """From DiffSynth ``WanModel`` kwargs (plus its separate ``VaceWanModel`` kwargs, if any).
+
+        DiffSynth marks TI2V-5B with ``seperated_timestep`` and ``fuse_vae_embedding_in_latents``
+        and the I2V-A14B expert with ``require_clip_embedding: False``; its T2V-A14B kwargs equal
+        Wan2.1-T2V-14B's, so ``family`` must say "wan2.2" for that one.
+        """
+        wan22_flags = sorted(k for k in ("seperated_timestep", "fuse_vae_embedding_in_latents") if kwargs.get(k))
+        no_clip_image = kwargs.get("require_clip_embedding") is False and kwargs.get("in_dim", 16) != kwargs.get(
+            "out_dim", 16)
+        if kwargs.get("has_image_input") and kwargs.get("require_clip_embedding") is False:
+            raise ValueError("has_image_input with require_clip_embedding False: an image branch that takes no CLIP "
+                             "features is no released Wan model")
+        if wan22_flags != [] and wan22_flags != ["fuse_vae_embedding_in_latents", "seperated_timestep"]:
+            raise ValueError(f"{wan22_flags[0]} without its partner: TI2V-5B sets both seperated_timestep and "
+                             "fuse_vae_embedding_in_latents")
+        decided = "wan2.2" if wan22_flags or no_clip_image else None
+        if family is not None and decided is not None and family != decided:
+            raise ValueError(f"these DiffSynth kwargs describe a {decided} DiT, not {family}")
+        family = decided or family or "wan2.1"
         return cls(
             **{k: kwargs[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim",
                                       "text_dim", "freq_dim", "patch_size", "eps") if k in kwargs},
@@ -150,6 +180,7 @@ class DiTConfig:
             camera_in_dim=kwargs.get("in_dim_control_adapter", 24) if kwargs.get("add_control_adapter") else None,
             vace_layers=tuple((vace or {}).get("vace_layers", ())),
             vace_in_dim=(vace or {}).get("vace_in_dim", 96),
+            family=family,
         )
 
 

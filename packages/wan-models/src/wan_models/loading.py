@@ -21,6 +21,7 @@ from torch import nn
 
 from . import config_json, formats, integrity
 from .detect import Network, detect_network
+from .identity import FAMILY_NAMES, Identity, identify
 from .errors import CheckpointError
 from .integrity import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 
@@ -193,15 +194,30 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]  # official keys, as the network's module names them
     dtype: torch.dtype | None         # what fp8 weights were dequantised to (None: no fp8)
     files: list[Path] = dataclasses.field(default_factory=list)
+    identity: Identity | None = None  # a DiT's family and expert role, and what decided them
+
+
+# What each network is, for errors that say what a file holds and what was asked for.
+NETWORK_NAMES = {
+    "dit": "a DiT", "vae": "the Wan 2.1 VAE (16 latent channels, Wan2.1_VAE.pth)",
+    "vae22": "the Wan 2.2 VAE (48 latent channels, Wan2.2_VAE.pth)", "t5": "the umT5 text encoder",
+    "clip": "the CLIP image encoder", "motion_controller": "a speed-control motion controller",
+}
+# The networks each family's models use (the A14B models keep the Wan 2.1 VAE; no Wan 2.2 model uses CLIP).
+FAMILY_NETWORKS = {"wan2.1": ("dit", "vae", "t5", "clip", "motion_controller"), "wan2.2": ("dit", "vae", "vae22", "t5")}
 
 
 def read_checkpoint(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
-                    network: str | None = None) -> Checkpoint:
-    """Read any Wan 2.1 network file (or shards, or a diffusers folder) and recognise what it holds.
+                    network: str | None = None, family: str | None = None) -> Checkpoint:
+    """Read any Wan 2.1 / 2.2 network file (or shards, or a diffusers folder) and recognise what it holds.
 
     Keys may be official, diffusers or ComfyUI; sizes that shapes cannot show (DiT heads, ...) come
-    from a ``config.json`` beside the file. ``network`` makes a file holding another one an error.
+    from a ``config.json`` beside the file. ``network`` makes a file holding another one an error;
+    ``family`` ("wan2.1"/"wan2.2") does the same for a DiT of the other family and decides where
+    nothing else does (see :mod:`wan_models.identity`).
     """
+    if family is not None and family not in FAMILY_NETWORKS:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILY_NETWORKS)}")
     files = checkpoint_files(path_or_paths)
     source = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
     sd = read_state_dict(files)
@@ -213,14 +229,22 @@ def read_checkpoint(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torc
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
     if network is not None and found.name != network:
-        raise CheckpointError(f"{source} holds a {found.name} network, not the {network} asked for")
+        raise CheckpointError(f"{source} holds {NETWORK_NAMES.get(found.name, found.name)}, "
+                              f"not {NETWORK_NAMES.get(network, network)} as asked for")
+    if family is not None and found.name not in FAMILY_NETWORKS[family]:
+        raise CheckpointError(f"{source} holds {NETWORK_NAMES[found.name]}, which no {FAMILY_NAMES[family]} "
+                              "model uses")
     sd = found.module_keys(sd)
     try:
         config = found.config_from_state_dict(sd)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
     config = config_json.config_for(files, found.name, config, source)
-    return Checkpoint(source, fmt, found, config, sd, dtype, files)
+    identity = None
+    if found.name == "dit":
+        identity = identify(files, config, expected=family, source=source)
+        config = dataclasses.replace(config, family=identity.family)
+    return Checkpoint(source, fmt, found, config, sd, dtype, files, identity)
 
 
 def _non_finite_in_files(ckpt: Checkpoint, error: NonFiniteWeights) -> CheckpointError:
@@ -239,20 +263,22 @@ def _non_finite_in_files(ckpt: Checkpoint, error: NonFiniteWeights) -> Checkpoin
 
 
 def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dtype | None = None,
-               device: torch.device | str = "cpu", network: str | None = None) -> nn.Module:
-    """Load any Wan 2.1 network file (or shards, or a diffusers ``transformer/`` or ``vae/`` folder).
+               device: torch.device | str = "cpu", network: str | None = None,
+               family: str | None = None) -> nn.Module:
+    """Load any Wan 2.1 / 2.2 network file (or shards, or a diffusers ``transformer/`` or ``vae/`` folder).
 
     The file may use the official, diffusers or ComfyUI key names; the network is detected from its
     keys. fp8 weights are dequantised to ``dtype`` (default: the dtype of the file's other weights).
     ``network`` ("dit", "vae", "t5", "clip", "motion_controller") makes a file holding another
-    network an error instead of a surprise. Weights holding NaN/inf raise :class:`NonFiniteWeights`
-    naming the file, the keys and the counts.
+    network an error instead of a surprise, and ``family`` ("wan2.1"/"wan2.2") a DiT of the other
+    family. Weights holding NaN/inf raise :class:`NonFiniteWeights` naming the file, the keys and
+    the counts.
     """
-    ckpt = read_checkpoint(path_or_paths, dtype=dtype, network=network)
+    ckpt = read_checkpoint(path_or_paths, dtype=dtype, network=network, family=family)
     with torch.device("meta"):
         module = ckpt.network.module(ckpt.config)
-    logger.info("loading %s (%s) from %s", type(module).__name__,
-                getattr(ckpt.config, "variant", ckpt.network.name), ckpt.source)
+    what = f"{ckpt.config.variant}; {ckpt.identity.describe()}" if ckpt.identity else ckpt.network.name
+    logger.info("loading %s (%s) from %s", type(module).__name__, what, ckpt.source)
     try:
         return load_into(module, ckpt.state_dict, dtype=ckpt.dtype, device=device, source=ckpt.source)
     except NonFiniteWeights as e:

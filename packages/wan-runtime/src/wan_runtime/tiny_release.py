@@ -1,4 +1,4 @@
-"""Tiny random Wan 2.1 releases on disk, in the released folder layout and file names.
+"""Tiny random Wan 2.1 and 2.2 releases on disk, in the released folder layout and file names.
 
 For tests, demos and smoke checks where real weights cannot be downloaded: everything loads and
 runs exactly like a released model, at a few MB, but generates noise.
@@ -45,15 +45,17 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from wan_models import MODELS, DiTConfig, MotionController, MotionControllerConfig, WanDiT
 from wan_models.clip import CLIPVisionConfig, CLIPVisionTower
-from wan_models.configs import CLIP_FILE, T5_FILE, T5_TOKENIZER, VAE_FILE
+from wan_models.configs import CLIP_FILE, T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
 from wan_models.t5 import T5Config, UMT5Encoder
 from wan_models.vae import VAEConfig, WanVAE
+from wan_models.vae22 import VAE22Config, WanVAE22
 
 FACTORY_VERSION = 1
 MARKER = ".tiny_release.json"
 TOKENIZER_VOCAB = 256
 TINY_T5 = T5Config(vocab=320, dim=32, dim_attn=32, dim_ffn=48, num_heads=2, num_layers=2, num_buckets=8)
 TINY_VAE = VAEConfig(dim=8)  # z_dim stays 16: latent statistics and DiT channels depend on it
+TINY_VAE22 = VAE22Config(dim=4, dec_dim=6)  # z_dim stays 48, as the TI2V DiT's channels
 TINY_CLIP = CLIPVisionConfig(embed_dim=16, image_size=32, patch_size=2, vision_dim=1280, vision_mlp_ratio=0.05,
                              vision_heads=16, vision_layers=2)
 TINY_DIT_SIZES = dict(dim=32, ffn_dim=48, num_heads=2, num_layers=2, freq_dim=16)
@@ -127,8 +129,11 @@ def write_dit(folder: Path, config: DiTConfig, seed: int = 0, shards: int = 1) -
 
 def official_config_json(config: DiTConfig) -> dict[str, Any]:
     """The released ``config.json`` of a DiT (the official ``WanModel``/``VaceWanModel`` kwargs)."""
-    model_type = ("vace" if config.vace_layers else "flf2v" if config.image_pos_emb
-                  else "i2v" if config.image_input else "t2v")
+    if config.family == "wan2.2":
+        model_type = "ti2v" if config.fuses_image_latents else "i2v" if config.y_channels else "t2v"
+    else:
+        model_type = ("vace" if config.vace_layers else "flf2v" if config.image_pos_emb
+                      else "i2v" if config.image_input else "t2v")
     out: dict[str, Any] = {
         "_class_name": "VaceWanModel" if config.vace_layers else "WanModel",
         "_diffusers_version": "0.30.0",
@@ -154,6 +159,15 @@ def write_vae(path: Path, config: VAEConfig = TINY_VAE, seed: int = 0) -> Path:
         raise ValueError(f"the tiny VAE must keep z_dim=16 (the DiT's latent channels), got {config.z_dim}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(random_state_dict(_meta(WanVAE, config), _model_seed(seed, VAE_FILE)), path)
+    return path
+
+
+def write_vae22(path: Path, config: VAE22Config = TINY_VAE22, seed: int = 0) -> Path:
+    """``Wan2.2_VAE.pth`` (float32), the TI2V-5B VAE."""
+    if config.z_dim != 48:
+        raise ValueError(f"the tiny Wan 2.2 VAE must keep z_dim=48 (the TI2V DiT's channels), got {config.z_dim}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(random_state_dict(_meta(WanVAE22, config), _model_seed(seed, VAE22_FILE)), path)
     return path
 
 
@@ -241,9 +255,16 @@ def write_release(root: str | Path, model: str = "Wan2.1-T2V-1.3B", dit_config: 
     marker = folder / MARKER
     if marker.is_file() and marker.read_text() == record:
         return folder
-    write_dit(folder, dit_config, _model_seed(seed, model), shards)
+    if spec.experts:
+        for expert in spec.experts:
+            write_dit(folder / expert, dit_config, _model_seed(seed, model + expert), shards)
+    else:
+        write_dit(folder, dit_config, _model_seed(seed, model), shards)
     write_t5(folder / T5_FILE, t5_config, seed)
-    write_vae(folder / VAE_FILE, vae_config, seed)
+    if spec.vae_file == VAE22_FILE:
+        write_vae22(folder / VAE22_FILE, seed=seed)
+    else:
+        write_vae(folder / VAE_FILE, vae_config, seed)
     write_tokenizer(folder / T5_TOKENIZER, seed=seed)
     if spec.needs_image_encoder:
         write_clip(folder / CLIP_FILE, clip_config, seed)
@@ -267,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m wan_runtime.tiny_release ROOT [MODEL]``: write a tiny random release, print its folder."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write a tiny random Wan 2.1 release in the released layout.")
+    parser = argparse.ArgumentParser(description="Write a tiny random Wan 2.1 or 2.2 release in the released layout.")
     parser.add_argument("root", type=Path, help="models folder (the release goes to ROOT/<model id>/)")
     parser.add_argument("model", nargs="?", default="Wan2.1-T2V-1.3B", choices=[m for m in MODELS if m != SPEED_CONTROL])
     parser.add_argument("--seed", type=int, default=0)
