@@ -1,10 +1,11 @@
-"""Peak memory of loading a 1.3B-size DiT checkpoint: is the file ever held twice?
+"""Peak memory of loading a DiT checkpoint: is the file ever held twice?
 
-Writes a random bf16 checkpoint in the released layout (Wan2.1-T2V-1.3B sizes, ~2.8 GB), then
-loads it in fresh processes with ``wan_models.load_model`` and prints peak RSS over file size.
-Goal: at most 1.15x when loading in the file's dtype.
+Writes a random bf16 checkpoint in the released layout (``--model``: Wan2.1-T2V-1.3B sizes, ~2.8 GB,
+or Wan2.2-TI2V-5B, ~10 GB; ``--layers N`` keeps only N blocks when the full size does not fit the
+disk or RAM), then loads it in fresh processes with ``wan_models.load_model`` and prints peak RSS
+over file size. Goal: at most 1.15x when loading in the file's dtype.
 
-    python benchmarks/load_memory.py [--dir /tmp/wan-bench] [--keep]
+    python benchmarks/load_memory.py [--model Wan2.2-TI2V-5B] [--layers N] [--dir /tmp/wan-bench] [--keep]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -32,39 +34,75 @@ print(json.dumps({"peak": peak_bytes(), "base": base, "seconds": seconds,
                   "params": sum(p.numel() for p in model.parameters())}))
 """
 
+DEFAULT_MODEL = "Wan2.1-T2V-1.3B"
+# Used when the registry has no entry of that name (Wan 2.2 entries arrived after this script).
+FALLBACK_SIZES = {"Wan2.2-TI2V-5B": dict(family="wan2.2", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336,
+                                         num_heads=24, num_layers=30)}
 
-def write_checkpoint(path: Path) -> None:
+
+def dit_config(model: str, layers: int | None):
+    """The ``DiTConfig`` of ``model`` (registry entry, else :data:`FALLBACK_SIZES`), cut to ``layers`` blocks."""
+    from wan_models import MODELS, DiTConfig
+
+    if model in MODELS:
+        config = MODELS[model].config
+    elif model in FALLBACK_SIZES:
+        config = DiTConfig(**FALLBACK_SIZES[model])
+    else:
+        raise SystemExit(f"unknown --model {model!r}; known: {', '.join([*MODELS, *FALLBACK_SIZES])}")
+    if not isinstance(config, DiTConfig):
+        raise SystemExit(f"{model} is not a DiT")
+    return config.replace(num_layers=layers) if layers else config
+
+
+def write_checkpoint(path: Path, model: str = DEFAULT_MODEL, layers: int | None = None) -> None:
+    """A random bf16 ``.safetensors`` of the DiT's official keys, written one tensor at a time (a
+    10 GB file never sits in memory whole)."""
     import torch
-    from safetensors.torch import save_file
 
-    from wan_models import MODELS, WanDiT
+    from wan_models import WanDiT
 
     with torch.device("meta"):
-        model = WanDiT(MODELS["Wan2.1-T2V-1.3B"].config)
+        shapes = {k: tuple(v.shape) for k, v in WanDiT(dit_config(model, layers)).state_dict().items()}
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = 2 * int(torch.Size(shape).numel())
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     gen = torch.Generator().manual_seed(0)
-    tensors = {k: (torch.randn(v.shape, generator=gen) * 0.02).to(torch.bfloat16)
-               for k, v in model.state_dict().items()}
-    save_file(tensors, str(path))
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for shape in shapes.values():
+            tensor = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            f.write(tensor.view(torch.int16).numpy().tobytes())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"DiT sizes to write (default {DEFAULT_MODEL})")
+    parser.add_argument("--layers", type=int, default=None, help="keep only this many blocks (scaled-down file)")
+    parser.add_argument("--load-dtypes", nargs="+", default=["file", "bfloat16", "float32"],
+                        help="load dtypes to measure ('file' = the file's own); float32 needs ~3x the file in RAM")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoint")
     args = parser.parse_args()
     folder = args.dir or Path(tempfile.mkdtemp(prefix="wan-load-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "diffusion_pytorch_model.safetensors"
+    layers = f"-{args.layers}layers" if args.layers else ""
+    path = folder / f"{args.model}{layers}.safetensors"
     try:
         if not path.exists():
             subprocess.run([sys.executable, "-c",
                             f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
                             f"from load_memory import write_checkpoint; from pathlib import Path; "
-                            f"write_checkpoint(Path({str(path)!r}))"], check=True)
+                            f"write_checkpoint(Path({str(path)!r}), {args.model!r}, {args.layers!r})"], check=True)
         size = path.stat().st_size
-        print(f"checkpoint: {path} ({size / 1e9:.2f} GB, bf16, Wan2.1-T2V-1.3B sizes)")
+        what = f"{args.model} sizes" + (f", {args.layers} of its blocks" if args.layers else "")
+        print(f"checkpoint: {path} ({size / 1e9:.2f} GB, bf16, {what})")
         print(f"{'load dtype':<12}{'peak RSS GB':>12}{'RSS before GB':>15}{'peak / file':>13}{'seconds':>9}")
-        for dtype in ("file", "bfloat16", "float32"):
+        for dtype in args.load_dtypes:
             out = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype], check=True,
                                  capture_output=True, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
