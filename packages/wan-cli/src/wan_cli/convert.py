@@ -60,7 +60,9 @@ def convert(
 ) -> None:
     """Convert a checkpoint's key layout (weights unchanged; written atomically).
 
-    diffusers output is a model folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``.
+    diffusers output is a model folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``
+    (a ``transformer/`` folder for a Wan 2.1 or 2.2 DiT, a ``vae/`` folder for either VAE; the
+    Wan 2.2 VAE's config says ``is_residual``).
     A failed write (e.g. a full disk) leaves no partial file or folder behind.
     """
     if to not in FORMATS:
@@ -81,9 +83,10 @@ def convert(
     converted = {k: v.contiguous() for k, v in wan_models.convert(ckpt.state_dict, to=to).items()}
     try:
         if to == "diffusers":
-            make_config = {"dit": diffusers_format.transformer_config, "vae": diffusers_format.vae_config}
+            make_config = {"dit": diffusers_format.transformer_config, "vae": diffusers_format.vae_config,
+                           "vae22": diffusers_format.vae_config}  # vae_config tells the two VAEs apart
             if ckpt.network.name not in make_config:
-                raise ValueError(f"diffusers has no layout for a {ckpt.network.name} network (only dit, vae)")
+                raise ValueError(f"diffusers has no layout for a {ckpt.network.name} network (only dit, vae, vae22)")
             config = make_config[ckpt.network.name](ckpt.config)
             _write_folder(target, {"diffusion_pytorch_model.safetensors": lambda p: save_file(converted, str(p)),
                                    "config.json": lambda p: p.write_text(json.dumps(config, indent=2))})
