@@ -364,3 +364,24 @@ def test_cli_converts_wan22_vae_and_dit(tmp_path: Path) -> None:
                                       "--to", "diffusers"])
     assert result.exit_code == 0, result.output
     assert_same_dit(dit, diffusers.WanTransformer3DModel.from_pretrained(tmp_path / "transformer"), config)
+
+
+def test_cli_converts_a14b_release_to_pipeline(tmp_path: Path) -> None:
+    """A released-layout T2V-A14B folder becomes a pipeline folder that diffusers loads."""
+    from typer.testing import CliRunner
+
+    from wan_cli.main import app
+    from wan_runtime import tiny_release
+
+    release = tiny_release.write_release(tmp_path / "models", "Wan2.2-T2V-A14B")
+    out = tmp_path / "pipe"
+    result = CliRunner().invoke(app, ["convert", str(release), str(out), "--to", "diffusers"])
+    assert result.exit_code != 0 and "--boundary-ratio" in result.output and not out.exists()
+    result = CliRunner().invoke(app, ["convert", str(release), str(out), "--to", "diffusers",
+                                      "--boundary-ratio", "0.875"])
+    assert result.exit_code == 0, result.output
+    found = read_pipeline(out)
+    assert (set(found.experts), found.boundary_ratio) == ({"high", "low"}, 0.875)
+    for folder, subfolder in (("high_noise_model", "transformer"), ("low_noise_model", "transformer_2")):
+        ours = wan_models.load_model(release / folder)
+        assert_same_dit(ours, diffusers.WanTransformer3DModel.from_pretrained(out, subfolder=subfolder), ours.config)

@@ -53,20 +53,65 @@ def _write_error(target: Path, error: Exception) -> OSError:
     return OSError(f"could not write {target}: {reason}" + (" (is the disk full?)" if code in DISK_FULL else ""))
 
 
+EXPERT_FOLDERS = ("high_noise_model", "low_noise_model")
+VAE_FILES = ("Wan2.2_VAE.pth", "Wan2.1_VAE.pth")
+
+
+def _convert_release(source: Path, target: Path, boundary_ratio: float | None) -> None:
+    """A released Wan2.2-A14B folder (``high_noise_model/``, ``low_noise_model/`` and a VAE file)
+    -> a diffusers pipeline folder (see :mod:`wan_models.formats.diffusers_pipeline`)."""
+    if boundary_ratio is None:
+        raise typer.BadParameter(f"{source} holds two experts: give their switch point with --boundary-ratio "
+                                 "(0.875 for T2V-A14B, 0.9 for I2V-A14B)", param_hint="--boundary-ratio")
+    if target.exists():
+        raise typer.BadParameter(f"{target} already exists; a pipeline folder is written new", param_hint="TARGET")
+    from wan_models.formats.diffusers_pipeline import write_pipeline
+    from wan_models.loading import read_checkpoint
+
+    vae_file = next((source / name for name in VAE_FILES if (source / name).is_file()), None)
+    if vae_file is None:
+        raise typer.BadParameter(f"{source} has neither {' nor '.join(VAE_FILES)}", param_hint="SOURCE")
+    experts = {}
+    for role, folder in zip(("high", "low"), EXPERT_FOLDERS):
+        ckpt = read_checkpoint(source / folder, network="dit")
+        experts[role] = (ckpt.config, ckpt.state_dict)
+    vae = read_checkpoint(vae_file)
+    if vae.network.name not in ("vae", "vae22"):
+        raise typer.BadParameter(f"{vae_file} holds a {vae.network.name} network, not a VAE", param_hint="SOURCE")
+    try:
+        write_pipeline(target, experts, (vae.config, vae.state_dict), boundary_ratio=boundary_ratio)
+    except OSError as e:
+        raise _write_error(target, e) from None
+    typer.echo(f"wrote {target} (diffusers pipeline: transformer/ = {EXPERT_FOLDERS[0]}, "
+               f"transformer_2/ = {EXPERT_FOLDERS[1]}, vae/ = {vae_file.name}, boundary_ratio {boundary_ratio})")
+
+
 def convert(
-    source: Path = typer.Argument(..., help="Checkpoint file, shard folder or diffusers folder."),
+    source: Path = typer.Argument(..., help="Checkpoint file, shard folder, diffusers folder, or a released "
+                                            "Wan2.2-A14B folder (with --to diffusers)."),
     target: Path = typer.Argument(..., help="Output .safetensors file (official, comfy) or folder (diffusers)."),
     to: str = typer.Option(..., "--to", help=f"Target layout: {', '.join(FORMATS)}."),
+    boundary_ratio: float = typer.Option(None, "--boundary-ratio", min=0.0, max=1.0,
+                                         help="Expert switch point of a released A14B folder (0.875 T2V, 0.9 I2V)."),
 ) -> None:
     """Convert a checkpoint's key layout (weights unchanged; written atomically).
 
     diffusers output is a model folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``
     (a ``transformer/`` folder for a Wan 2.1 or 2.2 DiT, a ``vae/`` folder for either VAE; the
     Wan 2.2 VAE's config says ``is_residual``).
+    A released Wan2.2-A14B folder (``high_noise_model/``, ``low_noise_model/``, the VAE file) becomes
+    a diffusers pipeline folder with ``model_index.json``; its ``--boundary-ratio`` must be given.
     A failed write (e.g. a full disk) leaves no partial file or folder behind.
     """
     if to not in FORMATS:
         raise typer.BadParameter(f"{to!r} is not one of {', '.join(FORMATS)}", param_hint="--to")
+    if source.is_dir() and all((source / folder).is_dir() for folder in EXPERT_FOLDERS):
+        if to != "diffusers":
+            raise typer.BadParameter(f"{source} is a two-expert release; only --to diffusers converts it whole "
+                                     f"(convert {EXPERT_FOLDERS[0]}/ and {EXPERT_FOLDERS[1]}/ one at a time)",
+                                     param_hint="--to")
+        _convert_release(source, target, boundary_ratio)
+        return
     if to != "diffusers" and target.suffix != ".safetensors":
         raise typer.BadParameter(f"{target} must end in .safetensors", param_hint="TARGET")
     if to == "diffusers" and (target.suffix or target.is_file()):
