@@ -24,6 +24,7 @@ import re
 from typing import Any, Mapping, TypeVar
 
 from ..dit_config import CLIP_TOKENS_PER_IMAGE, DiTConfig
+# The VAE names are re-exported: callers use diffusers.vae_config, diffusers.vae_keys, ...
 from .diffusers_vae import (VAE_CLASSES, VAE_SIGNATURES, check_vae_config, is_diffusers_vae, is_official_vae,
                             vae22_keys, vae_config, vae_from_official, vae_keys, vae_to_official)
 from .keymap import KeyMap
