@@ -1,7 +1,9 @@
-"""Wan 2.1 networks as plain torch modules, exact to the released checkpoints.
+"""Wan 2.1 and 2.2 networks as plain torch modules, exact to the released checkpoints.
 
-``load_model(path)`` reads any released network file (DiT, VAE, umT5, CLIP, motion controller),
-detects what it holds from its keys and shapes, builds it on ``meta`` and assigns the weights.
+``load_model(path)`` reads any released network file (DiT, Wan 2.1 or 2.2 VAE, umT5, CLIP, motion
+controller), detects what it holds from its keys and shapes (and, for a DiT's family and expert
+role, from the files around it: :mod:`wan_models.identity`), builds it on ``meta`` and assigns the
+weights.
 """
 
 from . import loading

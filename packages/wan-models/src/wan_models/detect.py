@@ -44,7 +44,7 @@ def detect_network(sd: Mapping[str, Any]) -> Network:
     for network in NETWORKS:
         if any(key in sd for key in network.signature):
             return network
-    raise ValueError(f"unrecognised checkpoint: its keys match no Wan 2.1 network (DiT, VAE, umT5, "
+    raise ValueError(f"unrecognised checkpoint: its keys match no Wan network (DiT, Wan 2.1 or 2.2 VAE, umT5, "
                      f"CLIP, motion controller); first keys: {sorted(sd)[:8]}")
 
 
