@@ -137,6 +137,8 @@ class AttentionBlock(nn.Module):
 class CLIPVisionTower(nn.Module):
     """The ``visual`` part of the released CLIP; :meth:`forward` returns what Wan feeds the DiT."""
 
+    dtype_parameters: tuple[str, ...] = ("patch_embedding.weight",)  # forward casts to it; see wan_models.ops
+
     def __init__(self, config: CLIPVisionConfig | None = None) -> None:
         super().__init__()
         self.config = config or CLIPVisionConfig()

@@ -156,6 +156,8 @@ class CrossAttention(nn.Module):
 class DiTBlock(nn.Module):
     """Modulated self-attention, cross-attention and modulated FFN with gated residuals."""
 
+    children_read_directly: tuple[str, ...] = ("norm3",)  # layer_norm32(x, self.norm3); see wan_models.ops
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         dim, eps = config.dim, config.eps
@@ -267,6 +269,8 @@ class DiTInputs:
 
 class WanDiT(nn.Module):
     """Wan DiT: ``dit(x, timestep, context, clip_feature=..., y=...) -> [B, out_dim, F, H, W]``."""
+
+    dtype_parameters: tuple[str, ...] = ("patch_embedding.weight",)  # WanDiT.dtype; see wan_models.ops
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()

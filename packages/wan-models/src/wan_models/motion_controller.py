@@ -14,6 +14,10 @@ from .dit_config import MotionControllerConfig
 
 
 class MotionController(nn.Module):
+    """Motion bucket id -> offset of the DiT's block modulation (see the module docstring)."""
+
+    dtype_parameters: tuple[str, ...] = ("linear.0.weight",)  # see wan_models.ops
+
     def __init__(self, config: MotionControllerConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or MotionControllerConfig()

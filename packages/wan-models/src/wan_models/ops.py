@@ -3,6 +3,16 @@
 The torch versions here are the reference. ``wan_kernels`` (or a researcher's package) swaps one in
 with :func:`set_op`, which returns the previous function so it can be put back. Every op must
 match its reference within float32 rounding.
+
+Facts for memory managers (layer-wise offloading, e.g. :mod:`wan_runtime.memory`), declared as
+class attributes of the networks' modules so that a new network needs no manager edit:
+
+- ``children_read_directly: tuple[str, ...]``: (dotted) child modules whose parameters this
+  module's forward reads without calling the child (``layer_norm32(x, self.norm3)``,
+  ``conv.convolve(...)``): hooks on the child never fire, so their weights move with this module's.
+- ``dtype_parameters: tuple[str, ...]``: (dotted) parameters whose dtype this module takes as its
+  compute dtype outside their layer's call (``x.to(self.patch_embedding.weight.dtype)``): they must
+  hold the compute dtype whenever the module runs, even when the others are stored in float8.
 """
 
 from __future__ import annotations

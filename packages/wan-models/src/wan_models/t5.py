@@ -160,6 +160,8 @@ class T5FeedForward(nn.Module):
 class T5RelativeEmbedding(nn.Module):
     """Per-block table of learned biases, one per (bucket, head); key name ``pos_embedding.embedding``."""
 
+    children_read_directly: tuple[str, ...] = ("embedding",)  # its weight's device; see wan_models.ops
+
     def __init__(self, num_buckets: int, num_heads: int) -> None:
         super().__init__()
         self.num_buckets = num_buckets

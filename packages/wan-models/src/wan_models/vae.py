@@ -195,6 +195,8 @@ def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: S
 class ResidualBlock(nn.Module):
     """(RMSNorm, SiLU, causal 3x3x3 conv) twice plus a 1x1x1 shortcut when widths differ."""
 
+    children_read_directly: tuple[str, ...] = ("residual",)  # _norm_silu_conv; see wan_models.ops
+
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
         # Sequential indices give the released key names (residual.0.gamma, residual.2.weight, ...).
@@ -286,6 +288,8 @@ def _run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, cache: StreamCache
 class Encoder3d(nn.Module):
     """Video chunk -> ``2·z_dim`` channels (mu, log-variance) at 1/8 size, 1/4 frames."""
 
+    children_read_directly: tuple[str, ...] = ("head",)  # _norm_silu_conv; see wan_models.ops
+
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -313,6 +317,8 @@ class Encoder3d(nn.Module):
 
 class Decoder3d(nn.Module):
     """Latent chunk -> video frames (``3`` channels) at 8x size, 4x frames after the first."""
+
+    children_read_directly: tuple[str, ...] = ("head",)  # _norm_silu_conv; see wan_models.ops
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -386,6 +392,9 @@ def _ramp(length: int, border: int, open_start: bool, open_end: bool) -> torch.T
 
 class WanVAE(nn.Module):
     """The Wan 2.1 video VAE (released key layout); see the module docstring for shapes."""
+
+    # Pipelines take the VAE's dtype from its first parameter; see wan_models.ops.
+    dtype_parameters: tuple[str, ...] = ("encoder.conv1.weight",)
 
     def __init__(self, config: VAEConfig | None = None) -> None:
         super().__init__()

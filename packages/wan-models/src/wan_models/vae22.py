@@ -157,6 +157,8 @@ def _middle(dim: int, dropout: float) -> nn.Sequential:
 class Encoder22(nn.Module):
     """Video chunk -> ``2·z_dim`` channels (mu, log-variance) at 1/16 size, 1/4 frames."""
 
+    children_read_directly: tuple[str, ...] = ("head",)  # _norm_silu_conv; see wan_models.ops
+
     def __init__(self, cfg: VAE22Config) -> None:
         super().__init__()
         dims = [cfg.dim * m for m in (1, *cfg.dim_mult)]
@@ -175,6 +177,8 @@ class Encoder22(nn.Module):
 
 class Decoder22(nn.Module):
     """Latent chunk -> video frames (3 channels) at 16x size, 4x frames after the first."""
+
+    children_read_directly: tuple[str, ...] = ("head",)  # _norm_silu_conv; see wan_models.ops
 
     def __init__(self, cfg: VAE22Config) -> None:
         super().__init__()

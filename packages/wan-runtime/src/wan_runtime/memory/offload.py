@@ -13,9 +13,9 @@ calls every parameter holds its stored tensor, so LoRA merging and checkpoint sa
 stored weights. Nothing is written back: compute copies are discarded.
 
 Units and budget: a *unit* is a module's own parameters plus those of the children its forward
-reads directly (:data:`ABSORBED`). Resident units are chosen smallest first until the budget is
-spent: a small layer's transfer costs mostly latency and its compute is too short to hide it,
-so keeping small layers saves the most transfers per byte. The budget covers the bytes of weights
+reads directly (declared as ``children_read_directly``). Resident units are chosen smallest first
+until the budget is spent: a small layer's transfer costs mostly latency and its compute is too
+short to hide it, so keeping small layers saves the most transfers per byte. The budget covers the bytes of weights
 on the compute side at every moment: resident units, the streamed units running (a unit and the
 units enclosing it) and one prefetched unit; activations are not counted (``vram_buffer`` is
 their headroom). One network is *active* (holds its resident units) at a time: the first layer
@@ -36,12 +36,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
-from wan_models import MotionController, WanDiT
-from wan_models.clip import CLIPVisionTower
-from wan_models.dit import DiTBlock
-from wan_models.t5 import T5RelativeEmbedding
-from wan_models.vae import Decoder3d, Encoder3d, ResidualBlock, WanVAE
-
 if TYPE_CHECKING:
     from ..pipeline import WanVideoPipeline
 
@@ -51,25 +45,10 @@ GIB = 1 << 30
 # The pipeline's networks, in the order they are managed.
 PIPELINE_NETWORKS = ("text_encoder", "image_encoder", "motion_controller", "vae", "dit")
 
-# Children whose parameters the parent's forward reads without calling them: a hook on the child
-# would fire too late or never, so the parent's unit owns them.
-ABSORBED: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-    (DiTBlock, ("norm3",)),                  # layer_norm32(x, self.norm3)
-    (ResidualBlock, ("residual",)),          # _norm_silu_conv reads norm.gamma, calls conv.convolve
-    (Encoder3d, ("head",)),
-    (Decoder3d, ("head",)),
-    (T5RelativeEmbedding, ("embedding",)),   # reads embedding.weight.device before calling it
-)
-
-# Parameters whose dtype a network reads, outside their layer's call, as the dtype of its inputs.
-# With float8 storage they are stored upcast instead (exact: float8 values are bfloat16, float16
-# and float32 values), or the network would round its inputs to float8.
-DTYPE_ANCHORS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-    (WanDiT, ("patch_embedding.weight",)),        # WanDiT.dtype
-    (CLIPVisionTower, ("patch_embedding.weight",)),
-    (MotionController, ("linear.0.weight",)),
-    (WanVAE, ("encoder.conv1.weight",)),          # the pipeline reads next(vae.parameters()).dtype
-)
+# The class attributes through which a network declares what its forward does outside its
+# children's calls (documented in :mod:`wan_models.ops`); any module class may set them.
+CHILDREN_READ_DIRECTLY = "children_read_directly"
+DTYPE_PARAMETERS = "dtype_parameters"
 
 
 def is_float8(dtype: torch.dtype) -> bool:
@@ -84,8 +63,10 @@ def format_bytes(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
-def _for_type(table: tuple[tuple[type[nn.Module], tuple[str, ...]], ...], module: nn.Module) -> tuple[str, ...]:
-    return next((names for cls, names in table if isinstance(module, cls)), ())
+def declared(module: nn.Module, attribute: str) -> tuple[str, ...]:
+    """The names ``module``'s class declares in ``attribute`` (:data:`CHILDREN_READ_DIRECTLY` or
+    :data:`DTYPE_PARAMETERS`); none when it declares nothing."""
+    return tuple(getattr(module, attribute, ()))
 
 
 class Accountant:
@@ -236,7 +217,7 @@ def build_units(module: nn.Module, compute_dtype: Any) -> tuple[Unit | None, lis
         return fresh
 
     def visit(mod: nn.Module, name: str, ancestors: tuple[Unit, ...]) -> Unit | None:
-        absorbed = [getattr(mod, child) for child in _for_type(ABSORBED, mod)]
+        absorbed = [mod.get_submodule(child) for child in declared(mod, CHILDREN_READ_DIRECTLY)]
         params = new([*mod.parameters(recurse=False), *(p for c in absorbed for p in c.parameters())])
         buffers = new([*mod.buffers(recurse=False), *(b for c in absorbed for b in c.buffers())])
         tensors = params + buffers
@@ -321,13 +302,23 @@ class NetworkOffloader:
         return ([self.root] if self.root is not None else []) + [u for u in self.units if u.resident]
 
     def _upcast_anchors(self) -> list[tuple[nn.Parameter, torch.dtype]]:
+        """Store the float8 ``dtype_parameters`` upcast (exact: float8 values are values of every wider
+        float dtype), or the network would cast its inputs to float8; returns them with their dtype."""
         anchors = []
-        for name in _for_type(DTYPE_ANCHORS, self.module):
-            param = self.module.get_parameter(name)
+        for param in self._dtype_parameters():
             if is_float8(param.dtype):
                 anchors.append((param, param.dtype))
                 param.data = param.data.to(self.manager.transfer.upcast_dtype)
         return anchors
+
+    def _dtype_parameters(self) -> list[nn.Parameter]:
+        """The parameters any module of the network declares in :data:`DTYPE_PARAMETERS`, once each."""
+        found: dict[int, nn.Parameter] = {}
+        for mod in self.module.modules():
+            for name in declared(mod, DTYPE_PARAMETERS):
+                param = mod.get_parameter(name)
+                found.setdefault(id(param), param)
+        return list(found.values())
 
     def _log_plan(self, root_bytes: int, streamed: list[Unit], max_params: int | None) -> None:
         budget = self.manager.budget
