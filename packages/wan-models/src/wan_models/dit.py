@@ -395,11 +395,17 @@ class WanDiT(nn.Module):
             hints = self.vace_hints(tokens, self.embed_vace(vace_context), e0, context, rope)
         return DiTInputs(tokens, e, e0, context, rope, image_tokens, grid, n_ref, hints, vace_scale)
 
-    def run_blocks(self, inputs: "DiTInputs", tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """The transformer blocks (with VACE hints added after their layers) on ``tokens``."""
+    def run_blocks(self, inputs: "DiTInputs", tokens: torch.Tensor | None = None, start: int = 0,
+                   end: int | None = None) -> torch.Tensor:
+        """Blocks ``start`` to ``end - 1`` (default all; VACE hints added after their layers) on ``tokens``
+        (default ``inputs.tokens``); step caches run a range and skip the rest."""
+        end = len(self.blocks) if end is None else end
+        if not 0 <= start <= end <= len(self.blocks):
+            raise ValueError(f"block range start={start}, end={end} must satisfy 0 <= start <= end <= "
+                             f"{len(self.blocks)} (the number of blocks)")
         tokens = inputs.tokens if tokens is None else tokens
-        for i, block in enumerate(self.blocks):
-            tokens = block(tokens, inputs.e0, inputs.context, inputs.rope, inputs.image_tokens)
+        for i in range(start, end):
+            tokens = self.blocks[i](tokens, inputs.e0, inputs.context, inputs.rope, inputs.image_tokens)
             if inputs.hints is not None and i in self.config.vace_layers:
                 tokens = tokens + inputs.hints[self.config.vace_layers.index(i)] * inputs.vace_scale
         return tokens

@@ -6,14 +6,14 @@ from typing import Any
 
 import torch
 
-from .caching import TeaCache
+from .caching import StepCache
 
 # DiT inputs that run along the latent frame axis and are cut per sliding window.
 FRAME_INPUTS = ("y", "vace_context", "camera")
 
 
 def predict(dit, latents: torch.Tensor, timestep: torch.Tensor, inputs: dict[str, Any],
-            cache: TeaCache | None = None) -> torch.Tensor:
+            cache: StepCache | None = None) -> torch.Tensor:
     """The DiT's velocity for ``latents``, reusing blocks through ``cache`` when it says so."""
     if cache is None:
         return dit(latents, timestep, **inputs)

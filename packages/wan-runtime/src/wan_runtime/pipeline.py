@@ -19,7 +19,7 @@ from wan_models.t5 import UMT5Encoder
 from wan_models.vae import WanVAE
 
 from .acceleration import enable_kernels, optimize_for_cpu, quantize_fp8
-from .caching import MagCache, TeaCache
+from .caching import StepCache, make_step_caches
 from .compile import compile_blocks, is_compiled
 from .denoise import predict, predict_windows
 from .devices import resolve_device, resolve_dtype
@@ -308,28 +308,23 @@ class WanVideoPipeline:
                       else "control_video" if config.in_dim == 3 * self.latent_channels else "input_image")
             raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {needed}")
 
-    def _step_caches(self, request: GenerationRequest) -> list:
-        """One TeaCache or MagCache per CFG branch when the request asks for one, else ``None``s."""
-        branches, steps = (2 if request.uses_cfg else 1), len(self.scheduler.timesteps)
-        if request.tea_cache_l1_thresh is not None:
-            return [TeaCache(steps, request.tea_cache_l1_thresh, request.tea_cache_model_id) for _ in range(branches)]
-        if request.mag_cache_thresh is not None:
-            ratios = request.mag_cache_ratios
-            per_branch = ratios if isinstance(ratios[0], (list, tuple)) else [ratios] * branches
-            return [MagCache(steps, per_branch[min(i, len(per_branch) - 1)], request.mag_cache_thresh,
-                             request.mag_cache_max_skip_steps, request.mag_cache_retention_ratio)
-                    for i in range(branches)]
-        return [None] * branches
+    def _step_caches(self, request: GenerationRequest) -> list[StepCache | None]:
+        """One step cache per CFG branch from the registry when the request asks for one, else ``None``s
+        (see :mod:`wan_runtime.caching`; with ``cfg_merge`` one cache shared by both branches)."""
+        return make_step_caches(request, len(self.scheduler.timesteps), 2 if request.uses_cfg else 1)
 
     def _velocity(self, request: GenerationRequest, cond: Conditioning, latents: torch.Tensor,
                   timestep: torch.Tensor, caches: list) -> torch.Tensor:
         """Guided velocity ``neg + cfg * (pos - neg)``; both branches in one batch with ``cfg_merge``."""
         if not request.uses_cfg:
             return self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
-        if request.cfg_merge and caches[0] is None:
+        if request.cfg_merge:
+            if caches[0] is not caches[1]:
+                raise ValueError("cfg_merge=True runs both CFG branches as one batch, through one step cache: pass "
+                                 "the same cache for both branches, or cfg_merge=False")
             inputs = {k: _repeat_batch(v) for k, v in cond.shared.items()}
             inputs["context"] = torch.cat([cond.positive["context"], cond.negative["context"]])
-            positive, negative = self._predict(request, _repeat_batch(latents), timestep, inputs, None).chunk(2)
+            positive, negative = self._predict(request, _repeat_batch(latents), timestep, inputs, caches[0]).chunk(2)
         else:
             positive = self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
             negative = self._predict(request, latents, timestep, {**cond.shared, **cond.negative}, caches[1])

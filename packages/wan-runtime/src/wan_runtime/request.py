@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
+from .caching import requested_step_cache
 from .devices import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class GenerationRequest:
     mag_cache_ratios: Sequence[float] | Sequence[Sequence[float]] | None = None
     mag_cache_max_skip_steps: int = 2
     mag_cache_retention_ratio: float = 0.2
+    step_cache: str | None = None  # a name in wan_runtime.caching.STEP_CACHES; see docs/step_caches.md
+    step_cache_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,11 @@ class GenerationRequest:
             if not isinstance(value, str):
                 raise ValueError(f"{name} must be a str, got {type(value).__name__} {value!r}"
                                  + (" (pass '' for no prompt)" if value is None else ""))
+        if self.step_cache is not None and not isinstance(self.step_cache, str):
+            raise ValueError(f"step_cache must be a str (a registered cache name) or None, got "
+                             f"{type(self.step_cache).__name__} {self.step_cache!r}")
+        if not isinstance(self.step_cache_options, dict) or not all(isinstance(k, str) for k in self.step_cache_options):
+            raise ValueError(f"step_cache_options must be a dict with str keys, got {self.step_cache_options!r}")
         for name in ("cfg_merge", "tiled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -126,15 +134,12 @@ class GenerationRequest:
             if self.sliding_window_stride > self.sliding_window_size:
                 raise ValueError(f"sliding_window_stride {self.sliding_window_stride} exceeds "
                                  f"sliding_window_size {self.sliding_window_size}")
-        if self.sliding_window_size is not None and (self.tea_cache_l1_thresh is not None
-                                                     or self.mag_cache_thresh is not None):
-            raise ValueError("step caches (tea_cache_l1_thresh, mag_cache_thresh) and sliding windows "
-                             "cannot be combined")
-        if self.tea_cache_l1_thresh is not None and self.mag_cache_thresh is not None:
-            raise ValueError("choose one step cache: tea_cache_l1_thresh or mag_cache_thresh, not both")
         if self.mag_cache_thresh is not None and self.mag_cache_ratios is None:
             raise ValueError("mag_cache_thresh needs mag_cache_ratios from "
                              "wan_runtime.caching.calibrate_magcache(pipe, ...) for this model")
+        cache = requested_step_cache(self)  # unknown name, bad options, two caches: a ValueError naming them
+        if cache is not None and self.sliding_window_size is not None:
+            raise ValueError(f"step caches ({cache[2]}) and sliding windows cannot be combined")
 
     def _round_shape(self) -> None:
         for name, multiple, remainder, what in (("height", 16, 0, "a multiple of 16"),

@@ -11,9 +11,11 @@ error stays under ``threshold`` and at most ``max_skip_steps`` in a row; the fir
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+
+from .registry import REQUIRED, option_number, register_step_cache
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,28 @@ class MagCache:
         return tokens
 
 
+def _magcache(options: dict[str, Any], steps: int, branch: int) -> MagCache:
+    """The MagCache of one CFG branch: its own row of per-branch ratios, or the one list for all branches."""
+    ratios = options["ratios"]
+    if not ratios:
+        raise ValueError("step cache 'magcache' needs step_cache_options['ratios'] from "
+                         "wan_runtime.caching.calibrate_magcache(pipe, ...) for this model")
+    per_branch = ratios if isinstance(ratios[0], (list, tuple)) else [ratios]
+    max_skip = options["max_skip_steps"]
+    if isinstance(max_skip, bool) or not isinstance(max_skip, int):
+        raise ValueError(f"step_cache_options['max_skip_steps'] of 'magcache' must be an int, got {max_skip!r}")
+    return MagCache(steps, per_branch[min(branch, len(per_branch) - 1)],
+                    option_number("magcache", options, "threshold", low=0.0), max_skip,
+                    option_number("magcache", options, "retention_ratio", low=0.0, high=1.0))
+
+
+register_step_cache("magcache", _magcache,
+                    options={"threshold": REQUIRED, "ratios": None, "max_skip_steps": 2, "retention_ratio": 0.2},
+                    fields={"mag_cache_thresh": "threshold", "mag_cache_ratios": "ratios",
+                            "mag_cache_max_skip_steps": "max_skip_steps",
+                            "mag_cache_retention_ratio": "retention_ratio"})
+
+
 class ResidualRecorder:
     """A cache stand-in that always computes and records each step's residual magnitude ratio."""
 
@@ -101,7 +125,8 @@ def calibrate_magcache(pipe, progress_bar_cmd=lambda x: x, **call_kwargs) -> lis
     from ..request import GenerationRequest
 
     embeds = {k: call_kwargs.pop(k) for k in ("prompt_embeds", "negative_prompt_embeds") if k in call_kwargs}
-    request = GenerationRequest(**call_kwargs, extra=embeds)
+    # Ratios are measured per CFG branch, so the branches run separately whatever cfg_merge says.
+    request = GenerationRequest(**{**call_kwargs, "cfg_merge": False}, extra=embeds)
     with torch.no_grad():
         cond = pipe.prepare(request)
         recorders = [ResidualRecorder() for _ in range(2 if request.uses_cfg else 1)]

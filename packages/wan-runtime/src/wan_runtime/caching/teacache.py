@@ -9,8 +9,11 @@ first and last steps always compute.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
+
+from .registry import REQUIRED, option_number, register_step_cache
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +71,14 @@ class TeaCache:
         tokens = dit.run_blocks(inputs)
         self.residual = tokens - inputs.tokens
         return tokens
+
+
+def _teacache(options: dict[str, Any], steps: int, branch: int) -> TeaCache:
+    """One TeaCache per CFG branch (the modulation is the same for both, the residuals are not)."""
+    if not isinstance(options["model_id"], str):
+        raise ValueError(f"step_cache_options['model_id'] of 'teacache' must be a str, got {options['model_id']!r}")
+    return TeaCache(steps, option_number("teacache", options, "threshold", low=0.0), options["model_id"])
+
+
+register_step_cache("teacache", _teacache, options={"threshold": REQUIRED, "model_id": ""},
+                    fields={"tea_cache_l1_thresh": "threshold", "tea_cache_model_id": "model_id"})

@@ -188,10 +188,11 @@ class SequenceParallelDiT:
             sharded.hints = self._vace_hints(sharded, vace_context)
         return sharded
 
-    def run_blocks(self, inputs: ShardedInputs, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """``WanDiT.run_blocks`` on this rank's slice."""
+    def run_blocks(self, inputs: ShardedInputs, tokens: torch.Tensor | None = None, start: int = 0,
+                   end: int | None = None) -> torch.Tensor:
+        """``WanDiT.run_blocks`` (blocks ``start`` to ``end - 1``) on this rank's slice."""
         with self._sequence_parallel_self_attention(inputs.length):
-            return self.dit.run_blocks(inputs, tokens)
+            return self.dit.run_blocks(inputs, tokens, start, end)
 
     def finish(self, tokens: torch.Tensor, inputs: ShardedInputs) -> torch.Tensor:
         """Gather every rank's slice, then ``WanDiT.finish`` (head, unpatchify) on the whole sequence."""
