@@ -221,3 +221,24 @@ def test_wan_info_and_models_show_the_identity(tmp_path) -> None:
     assert set(rows) == {"Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"}
     assert "5.00B" in rows["Wan2.2-TI2V-5B"] and "14.29B x2" in rows["Wan2.2-T2V-A14B"]
     assert "+low_noise_model/diffusion_pytorch_model*.safetensors" in rows["Wan2.2-I2V-A14B"]
+
+
+def test_every_registry_dit_declares_its_conditioning() -> None:
+    """One declaration (DiTConfig.conditioning) answers what y carries; required_inputs maps it to the
+    request inputs the pipeline and training ask for."""
+    from wan_runtime.units import required_inputs
+
+    expected = {
+        "Wan2.1-T2V-14B": ("none", ()), "Wan2.1-I2V-14B-480P": ("image", ("input_image",)),
+        "Wan2.1-FLF2V-14B-720P": ("image", ("input_image", "end_image")),
+        "Wan2.1-Fun-1.3B-InP": ("image", ("input_image",)),
+        "Wan2.1-Fun-14B-Control": ("control", ("control_video",)),
+        "Wan2.1-Fun-V1.1-1.3B-Control-Camera": ("camera", ("input_image", "camera_control_direction")),
+        "Wan2.1-VACE-14B": ("none", ()), "Wan2.2-TI2V-5B": ("none", ()), "Wan2.2-T2V-A14B": ("none", ()),
+        "Wan2.2-I2V-A14B": ("image", ("input_image",)),
+    }
+    for name, (kind, inputs) in expected.items():
+        config = MODELS[name].config
+        assert (config.conditioning, required_inputs(config)) == (kind, inputs), name
+    with pytest.raises(ValueError, match="takes 3 conditioning channels, which no known input provides"):
+        required_inputs(T2V.replace(in_dim=19))

@@ -445,6 +445,26 @@ def test_size_is_rounded_to_multiples_of_16_with_a_warning(pipes, caplog) -> Non
     assert "width=40 is not a multiple of 16; rounded up to 48" in caplog.text
 
 
+def test_rounding_follows_the_loaded_vae_and_patch(caplog) -> None:
+    """TI2V-5B's VAE compresses 16x in space and its DiT patches 2x2: sizes round to 32, not 16."""
+    from wan_models.vae22 import VAE22Config, WanVAE22
+
+    from factories import TINY_DIT, meta_dit
+    from wan_runtime import WanVideoPipeline
+    from wan_runtime.request import GenerationRequest
+
+    pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+    assert pipe.shape_multiples == (16, 4)
+    with torch.device("meta"):
+        pipe.vae = WanVAE22(VAE22Config(dim=4, dec_dim=5))
+    pipe.dit = meta_dit(TINY_DIT.replace(in_dim=48, out_dim=48, family="wan2.2"))
+    assert pipe.shape_multiples == (32, 4)
+    with caplog.at_level(logging.WARNING, logger="wan_runtime.request"):
+        request = GenerationRequest(height=480, width=848, num_frames=121, shape_multiples=pipe.shape_multiples)
+    assert (request.height, request.width, request.num_frames) == (480, 864, 121)
+    assert "width=848 is not a multiple of 32; rounded up to 864" in caplog.text
+
+
 # --------------------------------------------------------------------------- bad input
 
 BAD_INPUT = [

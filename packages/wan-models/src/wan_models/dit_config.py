@@ -73,6 +73,20 @@ class DiTConfig:
         return self.in_dim - self.out_dim
 
     @property
+    def conditioning(self) -> str:
+        """What ``y`` carries, so no caller does channel arithmetic: "none"; "image" (4 mask channels
+        + image latents: I2V, FLF2V, Fun InP, the I2V-A14B expert); "control" (control-video latents +
+        image latents: Fun Control); "camera" (first-frame latents beside the camera adapter);
+        "other" for a channel count no released model has."""
+        if not self.y_channels:
+            return "none"
+        if self.camera_in_dim is not None:
+            return "camera"
+        if self.y_channels == 2 * self.out_dim:
+            return "control"
+        return "image" if self.y_channels == self.out_dim + 4 else "other"
+
+    @property
     def fuses_image_latents(self) -> bool:
         """TI2V: an input image's latents replace the noise of latent frame 0 instead of entering as ``y``."""
         return self.family == "wan2.2" and self.in_dim == self.out_dim and self.out_dim != 16

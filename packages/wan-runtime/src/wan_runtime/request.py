@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from numbers import Real
 from typing import Any, Callable, Sequence
 
@@ -68,11 +68,14 @@ class GenerationRequest:
     step_cache: str | None = None  # a name in wan_runtime.caching.STEP_CACHES; see docs/step_caches.md
     step_cache_options: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # (pixels per DiT token along H and W, VAE frames per latent): the loaded models' strides, which
+    # the pipeline passes; the default is the Wan 2.1 VAE (8) times the patch (2), and 4 frames.
+    shape_multiples: InitVar[tuple[int, int]] = (16, 4)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, shape_multiples: tuple[int, int]) -> None:
         self._check_types()
         self._check_numbers()
-        self._round_shape()
+        self._round_shape(*shape_multiples)
 
     def _check_types(self) -> None:
         """Text, flags and the noise device: a wrong type is an error naming the field, before any work."""
@@ -141,10 +144,11 @@ class GenerationRequest:
         if cache is not None and self.sliding_window_size is not None:
             raise ValueError(f"step caches ({cache[2]}) and sliding windows cannot be combined")
 
-    def _round_shape(self) -> None:
-        for name, multiple, remainder, what in (("height", 16, 0, "a multiple of 16"),
-                                                ("width", 16, 0, "a multiple of 16"),
-                                                ("num_frames", 4, 1, "of the form 4k+1")):
+    def _round_shape(self, spatial: int, temporal: int) -> None:
+        """Sizes the VAE and the DiT's patches divide exactly, rounded up with a warning."""
+        for name, multiple, remainder, what in (("height", spatial, 0, f"a multiple of {spatial}"),
+                                                ("width", spatial, 0, f"a multiple of {spatial}"),
+                                                ("num_frames", temporal, 1, f"of the form {temporal}k+1")):
             value = getattr(self, name)
             rounded = round_up(value, multiple, remainder)
             if rounded != value:

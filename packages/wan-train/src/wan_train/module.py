@@ -30,6 +30,7 @@ from wan_models.configs import T5_FILE, T5_TOKENIZER
 from wan_runtime import WanVideoPipeline
 from wan_runtime.model_config import ModelConfig
 from wan_runtime.pipeline import SLOTS
+from wan_runtime.units import required_inputs
 from wan_runtime.request import GenerationRequest
 from wan_runtime.schedulers import FlowEulerScheduler
 from wan_runtime.units import Conditioning
@@ -293,14 +294,7 @@ class WanTrainingModule(nn.Module):
     def check_extra_inputs(self) -> None:
         """Image-conditioned DiTs need their image inputs in ``--extra_inputs`` (else step 1 would fail)."""
         config, extras = self.pipeline.dit.config, set(self.extra_inputs)
-        if not config.image_input:
-            return
-        if config.camera_in_dim is not None:
-            needed = {"input_image", "camera_control_direction"}
-        elif config.in_dim == 3 * self.pipeline.latent_channels:
-            needed = {"control_video"}
-        else:
-            needed = {"input_image", "end_image"} if config.image_pos_emb else {"input_image"}
+        needed = set(required_inputs(config))
         if not needed <= extras:
             raise TrainingError(f"the loaded {config.variant} DiT is image-conditioned: add "
                                 f"{sorted(needed - extras)} to --extra_inputs")

@@ -35,3 +35,19 @@ class Conditioning:
 
 
 Unit = Callable[["WanVideoPipeline", "GenerationRequest", Conditioning], None]
+
+# The request inputs that provide ``y``, by ``DiTConfig.conditioning`` (FLF2V adds ``end_image``).
+CONDITIONING_INPUTS: dict[str, tuple[str, ...]] = {
+    "none": (), "image": ("input_image",), "control": ("control_video",),
+    "camera": ("input_image", "camera_control_direction"),
+}
+
+
+def required_inputs(config: Any) -> tuple[str, ...]:
+    """The request inputs a DiT of ``config`` cannot run without (its ``y``); one table for the
+    pipeline, training and the CLI."""
+    if config.conditioning not in CONDITIONING_INPUTS:
+        raise ValueError(f"the loaded {config.variant} DiT takes {config.y_channels} conditioning channels, "
+                         "which no known input provides")
+    needed = CONDITIONING_INPUTS[config.conditioning]
+    return needed + ("end_image",) if config.image_pos_emb else needed

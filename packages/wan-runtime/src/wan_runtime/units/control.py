@@ -1,6 +1,6 @@
 """PAI Fun Control: the control video's latents in ``y``, and the Fun V1.1 reference image.
 
-A Fun Control DiT takes ``in_dim = 3 z`` channels: the noisy latents, the control video's latents
+A Fun Control DiT (``DiTConfig.conditioning == "control"``) takes the noisy latents, the control video's latents
 and the image latents of the I2V layout without its mask (zeros when there is no input image).
 """
 
@@ -25,8 +25,7 @@ logger = logging.getLogger(__name__)
 
 def _is_control_dit(pipe: WanVideoPipeline) -> bool:
     """An image DiT whose input is latents + control latents + image latents (PAI Fun Control)."""
-    config = pipe.dit.config
-    return config.image_input and config.camera_in_dim is None and config.in_dim == 3 * pipe.latent_channels
+    return pipe.dit.config.conditioning == "control"
 
 
 def control_video(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning) -> None:
@@ -37,8 +36,8 @@ def control_video(pipe: WanVideoPipeline, request: GenerationRequest, cond: Cond
         return
     if not _is_control_dit(pipe):
         config = pipe.dit.config
-        raise ValueError(f"control_video needs a PAI Fun Control DiT (image input, in_dim "
-                         f"{3 * pipe.latent_channels}); the loaded {config.variant} DiT has in_dim {config.in_dim}")
+        raise ValueError(f"control_video needs a PAI Fun Control DiT (control-video and image latents as its "
+                         f"conditioning); the loaded {config.variant} DiT has in_dim {config.in_dim}")
     control = pipe.encode_video(video_pixels(pipe, request, request.control_video, "control_video"), request)
     z = pipe.latent_channels
     if "y" in cond.shared:
