@@ -31,7 +31,7 @@ from .memory import Accountant, VramManager, manage_pipeline
 from .parallel import SequenceParallel, enable_usp, init_process_group
 from .request import GenerationRequest, finite_number
 from .schedulers import make_scheduler
-from .units import Conditioning, Unit, camera, control, image, noise, prompt, speed, vace
+from .units import Conditioning, Unit, camera, control, image, noise, prompt, required_inputs, speed, vace
 
 if TYPE_CHECKING:
     from .model_config import ModelConfig
@@ -220,6 +220,14 @@ class WanVideoPipeline:
         return self.vae.config.spatial_factor if self.vae is not None else 8
 
     @property
+    def shape_multiples(self) -> tuple[int, int]:
+        """(pixels per DiT token along H and W, frames per latent) of the loaded VAE and DiT: the sizes
+        a request is rounded up to (16 and 4 for Wan 2.1; 32 and 4 for TI2V-5B's 16x VAE)."""
+        patch = self.dit.config.patch_size[1] if self.dit is not None else 2
+        temporal = self.vae.config.temporal_factor if self.vae is not None else 4
+        return self.vae_spatial_factor * patch, temporal
+
+    @property
     def latent_channels(self) -> int:
         if self.vae is not None:
             return self.vae.config.z_dim
@@ -303,10 +311,9 @@ class WanVideoPipeline:
     def _check_conditioning(self, cond: Conditioning) -> None:
         """An image-conditioned DiT needs its ``y``: say which input provides it, before any DiT work."""
         config = self.dit.config
-        if config.image_input and "y" not in cond.shared:
-            needed = ("input_image and camera_control_direction" if config.camera_in_dim is not None
-                      else "control_video" if config.in_dim == 3 * self.latent_channels else "input_image")
-            raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {needed}")
+        needed = required_inputs(config)
+        if needed and "y" not in cond.shared:
+            raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {' and '.join(needed)}")
 
     def _step_caches(self, request: GenerationRequest) -> list[StepCache | None]:
         """One step cache per CFG branch from the registry when the request asks for one, else ``None``s
@@ -370,7 +377,8 @@ class WanVideoPipeline:
         if unknown:
             raise TypeError(f"unknown arguments {sorted(unknown)}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
+        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra,
+                                    shape_multiples=self.shape_multiples, **kwargs)
         if output_type == "pil" and self.vae is None:
             raise ValueError("decoding needs the VAE (Wan2.1_VAE.pth), which is not loaded; load it, or pass "
                              "output_type='latent' for the latents")
