@@ -278,9 +278,10 @@ def test_the_probe_goes_to_the_proxy_when_one_is_set(monkeypatch):
     assert reason is not None and reason.startswith("cannot connect to 127.0.0.1:9")
 
 
-def test_only_modelscope_downloads(tmp_path, hub):
-    with pytest.raises(ModelFilesMissing, match="download_resource='HuggingFace' is not supported"):
-        ModelConfig(model_id=T2V, origin_file_pattern=VAE_FILE, download_resource="HuggingFace").resolve(tmp_path)
+def test_an_unknown_hub_is_rejected(tmp_path, hub):
+    # ModelScope and the Hugging Face Hub are the hubs (tests/runtime/test_hf_download.py covers the latter).
+    with pytest.raises(ValueError, match="download_resource='S3' is not a hub; expected one of 'ModelScope'"):
+        ModelConfig(model_id=T2V, origin_file_pattern=VAE_FILE, download_resource="S3").resolve(tmp_path)
     assert hub.calls == []
 
 

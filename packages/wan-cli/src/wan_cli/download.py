@@ -22,8 +22,10 @@ def download(
     local_dir: Path = typer.Option(Path("models"), "--local-dir", help="Models folder (files go to <dir>/<model id>/)."),
     verify: bool = typer.Option(False, "--verify", help="Also compare each file's sha256 with the hub's "
                                 "(reads every byte; without it, sizes and headers are checked)."),
+    source: str | None = typer.Option(None, "--source", help="Hub to download from: modelscope or huggingface "
+                                      "(hf); default $DIFFSYNTH_DOWNLOAD_SOURCE, else modelscope."),
 ) -> None:
-    """Download a model's files from ModelScope into the models folder.
+    """Download a model's files from ModelScope or the Hugging Face Hub into the models folder.
 
     Files already there are kept when whole; a file cut short (size differs from the hub's, or its
     header or end record is missing) is fetched again.
@@ -32,9 +34,12 @@ def download(
 
     from .model_source import registry_source
 
-    source = registry_source(model)
+    try:
+        files = registry_source(model, source)
+    except ValueError as e:  # an unknown --source (or $DIFFSYNTH_DOWNLOAD_SOURCE) value
+        raise typer.BadParameter(str(e), param_hint="--source") from None
     hashed = total = 0
-    for config in redirect_common_files(source.model_configs) + [source.tokenizer_config]:
+    for config in redirect_common_files(files.model_configs) + [files.tokenizer_config]:
         paths = config.resolve(str(local_dir), verify=verify)
         for path in paths:
             typer.echo(f"ok  {path}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import wan_models
 from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
+from wan_runtime import hubs
 from wan_runtime.model_config import ModelConfig
 
 NETWORK_PATTERNS = (DIT_FILES, T5_FILE, VAE_FILE, CLIP_FILE, "model.safetensors")
@@ -21,17 +22,22 @@ class ModelSource:
     tokenizer_config: ModelConfig
 
 
-def registry_source(name: str) -> ModelSource:
-    """Files of registry entry ``name``, as ModelScope patterns (a speed-control entry adds its base)."""
+def registry_source(name: str, source: str | None = None) -> ModelSource:
+    """Files of registry entry ``name`` on hub ``source`` (None: ``$DIFFSYNTH_DOWNLOAD_SOURCE``, else
+    ModelScope), under that hub's repository id; a speed-control entry adds its base model."""
+    hub = hubs.normalize(source, "--source") if source is not None else hubs.default_source()
+
+    def configs_of(spec: wan_models.ModelSpec, patterns: tuple[str, ...]) -> list[ModelConfig]:
+        repo = spec.hf_id if hub == hubs.HUGGINGFACE else spec.model_id
+        return [ModelConfig(model_id=repo, origin_file_pattern=p, download_resource=hub) for p in patterns]
+
     spec = wan_models.get_model_spec(name)
-    configs = [ModelConfig(model_id=spec.model_id, origin_file_pattern=p) for p in spec.files if not p.endswith("/")]
+    configs = configs_of(spec, tuple(p for p in spec.files if not p.endswith("/")))
     if spec.base_model is not None:
         base = wan_models.get_model_spec(spec.base_model)
-        configs = [ModelConfig(model_id=base.model_id, origin_file_pattern=p)
-                   for p in base.files if not p.endswith("/")] + configs
+        configs = configs_of(base, tuple(p for p in base.files if not p.endswith("/"))) + configs
         spec = base
-    tokenizer = ModelConfig(model_id=spec.model_id, origin_file_pattern=T5_TOKENIZER)
-    return ModelSource(name, configs, tokenizer)
+    return ModelSource(name, configs, configs_of(spec, (T5_TOKENIZER,))[0])
 
 
 def folder_source(folder: Path) -> ModelSource:

@@ -46,6 +46,7 @@ class Sampling:
 class ModelSpec:
     """One released model: where it lives and which network files it needs.
 
+    ``model_id`` is its ModelScope repository, ``hf_id`` its Hugging Face Hub one (None: the same id).
     ``files`` are glob patterns relative to the repository root (a trailing ``/`` is a folder).
     ``config`` is the network its main file holds (a DiT, or the speed-control motion controller);
     ``experts`` the folders of an expert pair's DiTs (high-noise first), which share ``config``.
@@ -58,6 +59,11 @@ class ModelSpec:
     base_model: str | None = None
     experts: tuple[str, ...] = ()
     sampling: Sampling | None = None
+    hf_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hf_id is None:
+            object.__setattr__(self, "hf_id", self.model_id)
 
     @property
     def needs_image_encoder(self) -> bool:
@@ -81,8 +87,9 @@ TEXT_FILES = (DIT_FILES, T5_FILE, VAE_FILE, T5_TOKENIZER)
 IMAGE_FILES = TEXT_FILES + (CLIP_FILE,)
 
 
-def _spec(name: str, model_id: str, files: tuple[str, ...] = TEXT_FILES, **config) -> ModelSpec:
-    return ModelSpec(name, model_id, DiTConfig(**config), files)
+def _spec(name: str, model_id: str, files: tuple[str, ...] = TEXT_FILES, hf_id: str | None = None,
+          **config) -> ModelSpec:
+    return ModelSpec(name, model_id, DiTConfig(**config), files, hf_id=hf_id)
 
 
 _SPECS = [
@@ -92,20 +99,24 @@ _SPECS = [
     _spec("Wan2.1-I2V-14B-720P", "Wan-AI/Wan2.1-I2V-14B-720P", IMAGE_FILES, in_dim=36, **SIZE_14B, **IMAGE),
     _spec("Wan2.1-FLF2V-14B-720P", "Wan-AI/Wan2.1-FLF2V-14B-720P", IMAGE_FILES, in_dim=36, **SIZE_14B,
           image_input=True, image_pos_emb=True),
-    _spec("Wan2.1-Fun-1.3B-InP", "PAI/Wan2.1-Fun-1.3B-InP", IMAGE_FILES, in_dim=36, **SIZE_1_3B, **IMAGE),
-    _spec("Wan2.1-Fun-14B-InP", "PAI/Wan2.1-Fun-14B-InP", IMAGE_FILES, in_dim=36, **SIZE_14B, **IMAGE),
-    _spec("Wan2.1-Fun-1.3B-Control", "PAI/Wan2.1-Fun-1.3B-Control", IMAGE_FILES, in_dim=48, **SIZE_1_3B, **IMAGE),
-    _spec("Wan2.1-Fun-14B-Control", "PAI/Wan2.1-Fun-14B-Control", IMAGE_FILES, in_dim=48, **SIZE_14B, **IMAGE),
+    _spec("Wan2.1-Fun-1.3B-InP", "PAI/Wan2.1-Fun-1.3B-InP", IMAGE_FILES, in_dim=36, **SIZE_1_3B, **IMAGE,
+          hf_id="alibaba-pai/Wan2.1-Fun-1.3B-InP"),
+    _spec("Wan2.1-Fun-14B-InP", "PAI/Wan2.1-Fun-14B-InP", IMAGE_FILES, in_dim=36, **SIZE_14B, **IMAGE,
+          hf_id="alibaba-pai/Wan2.1-Fun-14B-InP"),
+    _spec("Wan2.1-Fun-1.3B-Control", "PAI/Wan2.1-Fun-1.3B-Control", IMAGE_FILES, in_dim=48, **SIZE_1_3B, **IMAGE,
+          hf_id="alibaba-pai/Wan2.1-Fun-1.3B-Control"),
+    _spec("Wan2.1-Fun-14B-Control", "PAI/Wan2.1-Fun-14B-Control", IMAGE_FILES, in_dim=48, **SIZE_14B, **IMAGE,
+          hf_id="alibaba-pai/Wan2.1-Fun-14B-Control"),
     _spec("Wan2.1-Fun-V1.1-1.3B-Control", "PAI/Wan2.1-Fun-V1.1-1.3B-Control", IMAGE_FILES, in_dim=48,
-          **SIZE_1_3B, **IMAGE, ref_conv=True),
+          **SIZE_1_3B, **IMAGE, ref_conv=True, hf_id="alibaba-pai/Wan2.1-Fun-V1.1-1.3B-Control"),
     _spec("Wan2.1-Fun-V1.1-14B-Control", "PAI/Wan2.1-Fun-V1.1-14B-Control", IMAGE_FILES, in_dim=48,
-          **SIZE_14B, **IMAGE, ref_conv=True),
+          **SIZE_14B, **IMAGE, ref_conv=True, hf_id="alibaba-pai/Wan2.1-Fun-V1.1-14B-Control"),
     _spec("Wan2.1-Fun-V1.1-1.3B-Control-Camera", "PAI/Wan2.1-Fun-V1.1-1.3B-Control-Camera", IMAGE_FILES,
-          in_dim=32, **SIZE_1_3B, **IMAGE, camera_in_dim=24),
+          in_dim=32, **SIZE_1_3B, **IMAGE, camera_in_dim=24, hf_id="alibaba-pai/Wan2.1-Fun-V1.1-1.3B-Control-Camera"),
     _spec("Wan2.1-Fun-V1.1-14B-Control-Camera", "PAI/Wan2.1-Fun-V1.1-14B-Control-Camera", IMAGE_FILES,
-          in_dim=32, **SIZE_14B, **IMAGE, camera_in_dim=24),
+          in_dim=32, **SIZE_14B, **IMAGE, camera_in_dim=24, hf_id="alibaba-pai/Wan2.1-Fun-V1.1-14B-Control-Camera"),
     _spec("Wan2.1-VACE-1.3B-Preview", "iic/VACE-Wan2.1-1.3B-Preview", **SIZE_1_3B,
-          vace_layers=tuple(range(0, 30, 2))),
+          vace_layers=tuple(range(0, 30, 2)), hf_id="ali-vilab/VACE-Wan2.1-1.3B-Preview"),
     _spec("Wan2.1-VACE-1.3B", "Wan-AI/Wan2.1-VACE-1.3B", **SIZE_1_3B, vace_layers=tuple(range(0, 30, 2))),
     _spec("Wan2.1-VACE-14B", "Wan-AI/Wan2.1-VACE-14B", **SIZE_14B, vace_layers=tuple(range(0, 40, 5))),
     ModelSpec("Wan2.1-1.3B-speedcontrol-v1", "DiffSynth-Studio/Wan2.1-1.3b-speedcontrol-v1",

@@ -1,13 +1,15 @@
-"""Where a model's files come from: local paths, or a ModelScope repository fetched on demand.
+"""Where a model's files come from: local paths, or a ModelScope or Hugging Face Hub repository fetched on demand.
 
 :class:`ModelConfig` keeps the seed's (DiffSynth's) field names and meaning. ``path=`` names local
-file(s) or a folder; otherwise ``model_id`` + ``origin_file_pattern`` name files of a ModelScope
-repository, which :meth:`ModelConfig.resolve` looks for under ``local_model_path/model_id/`` and
-downloads only when some are missing (only those). A file that is there but cut short (its size
-differs from the hub's, recorded at download time in a manifest, or its header or end record shows
-it truncated; see :mod:`wan_runtime.manifest`) counts as missing and is fetched again. Offline, it
-fails within seconds with a :class:`ModelFilesMissing` that says what is missing or incomplete,
-where it looked and how to place it by hand.
+file(s) or a folder; otherwise ``model_id`` + ``origin_file_pattern`` name files of a repository on
+the hub that ``download_resource`` (or DiffSynth 2.x's ``download_source``, or
+``$DIFFSYNTH_DOWNLOAD_SOURCE``; ModelScope by default) names, which :meth:`ModelConfig.resolve`
+looks for under ``local_model_path/model_id/`` and downloads only when some are missing (only
+those). A file that is there but cut short (its size differs from the hub's, recorded at download
+time in a manifest, or its header or end record shows it truncated; see :mod:`wan_runtime.manifest`)
+counts as missing and is fetched again. Offline, it fails within seconds with a
+:class:`ModelFilesMissing` that says what is missing or incomplete, where it looked and how to place
+it by hand.
 """
 
 from __future__ import annotations
@@ -18,23 +20,24 @@ import glob
 import logging
 import os
 import re
-import shlex
 import socket
 import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import urlsplit
 
 import torch
 
 from wan_models.configs import CLIP_FILE, T5_FILE, VAE_FILE
 
-from . import manifest
+from . import hubs, manifest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMMON_FILES", "ModelConfig", "ModelFilesMissing", "missing_files", "redirect_common_files"]
+__all__ = ["COMMON_FILES", "COMMON_FILES_BY_HUB", "ModelConfig", "ModelFilesMissing", "missing_files",
+           "redirect_common_files", "with_download_source"]
 
 # The shared files are identical in every Wan 2.1 repository; fetching them from one place avoids
 # downloading the same 11 GB again for each model.
@@ -43,10 +46,15 @@ COMMON_FILES: dict[str, str] = {
     VAE_FILE: "Wan-AI/Wan2.1-T2V-1.3B",
     CLIP_FILE: "Wan-AI/Wan2.1-I2V-14B-480P",
 }
+# Their home repository on each hub (the Wan-AI repositories have the same ids on both).
+COMMON_FILES_BY_HUB: dict[str, dict[str, str]] = {
+    hubs.MODELSCOPE: COMMON_FILES,
+    hubs.HUGGINGFACE: {T5_FILE: "Wan-AI/Wan2.1-T2V-1.3B", VAE_FILE: "Wan-AI/Wan2.1-T2V-1.3B",
+                       CLIP_FILE: "Wan-AI/Wan2.1-I2V-14B-480P"},
+}
 
-DEFAULT_ENDPOINT = "https://modelscope.cn"
-# How long the reachability probe may take before the hub counts as unreachable. modelscope itself
-# retries for ~20 s when offline; the probe answers in this time instead.
+# How long the reachability probe may take before the hub counts as unreachable. The hub clients
+# retry for ~20 s when offline; the probe answers in this time instead.
 PROBE_TIMEOUT_S = 2.5
 
 # ``name-00001-of-00006.safetensors``: one shard of a checkpoint split across files.
@@ -74,16 +82,32 @@ class ModelConfig:
 
     ``origin_file_pattern`` is a glob relative to the repository root (or a list of them); one
     ending in ``/`` names a folder; ``None`` or ``""`` the whole repository. ``download_resource``
-    must be ``"ModelScope"`` when a download is needed. ``offload_device``/``offload_dtype`` say
-    where and in which dtype the pipeline keeps the loaded network (None: the pipeline's).
+    (or its DiffSynth 2.x name ``download_source``) is the hub ``model_id`` lives on: "ModelScope" or
+    "HuggingFace" ("hf"), any case; None: ``$DIFFSYNTH_DOWNLOAD_SOURCE``, else ModelScope.
+    ``offload_device``/``offload_dtype`` say where and in which dtype the pipeline keeps the loaded
+    network (None: the pipeline's).
     """
 
     path: str | list[str] | None = None
     model_id: str | None = None
     origin_file_pattern: str | list[str] | None = None
-    download_resource: str = "ModelScope"
+    download_resource: str | None = None
     offload_device: str | torch.device | None = None
     offload_dtype: torch.dtype | None = None
+    download_source: str | None = None
+
+    def __post_init__(self) -> None:
+        named = {field: hubs.normalize(value, field) for field in ("download_resource", "download_source")
+                 if (value := getattr(self, field)) is not None}
+        if len(set(named.values())) > 1:
+            raise ValueError(f"download_resource={self.download_resource!r} and download_source="
+                             f"{self.download_source!r} name different hubs; pass only one of them")
+
+    @property
+    def hub(self) -> str:
+        """The hub ``model_id`` is fetched from: "ModelScope" or "HuggingFace" (see the class docstring)."""
+        value = self.download_source or self.download_resource
+        return hubs.normalize(value) if value is not None else hubs.default_source()
 
     def resolve(self, local_model_path: str | os.PathLike = "./models", skip_download: bool = False,
                 use_usp: bool = False, verify: bool = False) -> list[Path]:
@@ -152,23 +176,19 @@ class ModelConfig:
         return [p or "" for p in patterns]
 
     def _download(self, local_dir: Path, missing: dict[str, str], incomplete: dict[str, str]) -> None:
-        """Fetch from ModelScope the files matching the ``missing`` patterns (whole ones skipped).
+        """Fetch from the hub the files matching the ``missing`` patterns (whole ones skipped).
 
         The hub's file list is kept first as the folder's manifest. The ``incomplete`` files, and
         those that fail the new manifest's size check, are deleted so that the hub client fetches
         them again (it would keep a file of the right size).
         """
-        if self.download_resource.lower() != "modelscope":
-            raise self._missing_error(local_dir, missing, f"download_resource={self.download_resource!r} is not "
-                                      "supported (only 'ModelScope')")
-        unreachable = _hub_unreachable(_endpoint(), PROBE_TIMEOUT_S)
+        hub = self.hub
+        unreachable = hubs.offline_reason(hub) or _hub_unreachable(hubs.endpoint(hub), PROBE_TIMEOUT_S)
         if unreachable:
-            raise self._missing_error(local_dir, missing, f"ModelScope is unreachable: {unreachable}")
-        try:
-            from modelscope import snapshot_download
-        except ImportError as e:
-            raise self._missing_error(local_dir, missing, f"the modelscope package is not importable ({e}); "
-                                      "pip install modelscope") from None
+            raise self._missing_error(local_dir, missing, f"{hub} is unreachable: {unreachable}")
+        problem = hubs.client_problem(hub)
+        if problem:
+            raise self._missing_error(local_dir, missing, problem)
         allow = [_allow_pattern(p) for p in missing]
         allow_arg = None if None in allow else allow
         local_dir.mkdir(parents=True, exist_ok=True)
@@ -181,22 +201,21 @@ class ModelConfig:
                 (local_dir / rel).unlink()
             else:
                 present.append(rel)
-        logger.info("downloading %s (%s) from ModelScope into %s%s", self.model_id,
-                    ", ".join(p or "whole repository" for p in missing), local_dir,
+        logger.info("downloading %s (%s) from %s into %s%s", self.model_id,
+                    ", ".join(p or "whole repository" for p in missing), hub, local_dir,
                     f", skipping {len(present)} files already there" if present else "")
         try:
-            snapshot_download(self.model_id, local_dir=str(local_dir), allow_file_pattern=allow_arg,
-                              ignore_file_pattern=present or None)
+            hubs.download(hub, self.model_id, local_dir, allow_arg, present or None)
         except Exception as e:  # any failure of the hub client leaves the same remedy: place the files by hand
             raise self._missing_error(local_dir, missing, f"download failed: {type(e).__name__}: {e}") from e
 
     def _record_manifest(self, local_dir: Path) -> dict[str, manifest.Entry]:
         """The hub's file list, written to the folder's manifest; the previous one if the hub does not answer."""
         try:
-            entries = manifest.fetch(self.model_id)
+            entries = hubs.list_files(self.hub, self.model_id)
         except Exception as e:  # the download may still work; sizes are then checked against the old manifest
-            logger.warning("could not list the files of %s on ModelScope (%s: %s); downloading without that list",
-                           self.model_id, type(e).__name__, e)
+            logger.warning("could not list the files of %s on %s (%s: %s); downloading without that list",
+                           self.model_id, self.hub, type(e).__name__, e)
             return manifest.read(local_dir)
         if entries:
             manifest.write(local_dir, self.model_id, entries)
@@ -205,10 +224,8 @@ class ModelConfig:
     def _missing_error(self, local_dir: Path, missing: dict[str, str], reason: str) -> ModelFilesMissing:
         what = "; ".join(f"{p or '(whole repository)'}{f' ({detail})' if detail else ''}"
                          for p, detail in missing.items())
-        commands = "\n".join(
-            f"    modelscope download --model {self.model_id}"
-            f"{'' if _allow_pattern(p) is None else ' --include ' + shlex.quote(_allow_pattern(p))}"
-            f" --local_dir {shlex.quote(str(local_dir))}" for p in missing)
+        hub = self.hub
+        commands = "\n".join(f"    {hubs.command(hub, self.model_id, _allow_pattern(p), local_dir)}" for p in missing)
         message = (f"model files of {self.model_id} missing: {what}\n"
                    f"  looked in: {local_dir}\n"
                    f"  not downloaded because {reason}\n"
@@ -222,12 +239,16 @@ def redirect_common_files(configs: list[ModelConfig]) -> list[ModelConfig]:
     """Copies of ``configs`` with the shared T5/VAE/CLIP files taken from one repository each.
 
     A config whose ``origin_file_pattern`` is exactly one of :data:`COMMON_FILES` gets that file's
-    home repository as ``model_id`` (logged); the caller's configs are left unchanged.
+    home repository on its hub (:data:`COMMON_FILES_BY_HUB`) as ``model_id`` (logged); the caller's
+    configs are left unchanged.
     """
     out = []
     for config in configs:
-        target = COMMON_FILES.get(config.origin_file_pattern) if isinstance(config.origin_file_pattern, str) else None
-        if target is not None and config.model_id is not None and config.model_id != target:
+        pattern = config.origin_file_pattern
+        target = None
+        if isinstance(pattern, str) and pattern in COMMON_FILES and config.model_id is not None:
+            target = COMMON_FILES_BY_HUB[config.hub][pattern]
+        if target is not None and config.model_id != target:
             logger.info("redirecting (%s, %s) to (%s, %s): the file is the same in every Wan 2.1 repository; "
                         "pass redirect_common_files=False to keep it", config.model_id,
                         config.origin_file_pattern, target, config.origin_file_pattern)
@@ -235,6 +256,14 @@ def redirect_common_files(configs: list[ModelConfig]) -> list[ModelConfig]:
         else:
             out.append(dataclasses.replace(config))
     return out
+
+
+def with_download_source(configs: Sequence[ModelConfig], source: str | None) -> list[ModelConfig]:
+    """Copies of ``configs``, those naming no hub given ``source`` (None: left to the default hub)."""
+    hub = hubs.normalize(source) if source is not None else None
+    return [dataclasses.replace(c, download_source=hub)
+            if hub is not None and c.download_source is None and c.download_resource is None
+            else dataclasses.replace(c) for c in configs]
 
 
 def _allow_pattern(pattern: str) -> str | None:
@@ -339,14 +368,6 @@ def _present_files(local_dir: Path, allow: list[str] | None) -> list[str]:
     return [rel for rel in present if any(fnmatch.fnmatchcase(rel, a) for a in allow)]
 
 
-def _endpoint() -> str:
-    """The hub address modelscope will use (``MODELSCOPE_ENDPOINT``, deprecated ``MODELSCOPE_DOMAIN``)."""
-    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN", "").strip()
-    if not endpoint:
-        return DEFAULT_ENDPOINT
-    return endpoint if "://" in endpoint else "https://" + endpoint
-
-
 def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
     """None when a TCP connection to the hub (or to the HTTPS proxy in use) opens within ``timeout``.
 
@@ -367,7 +388,7 @@ def _hub_unreachable(endpoint: str, timeout: float) -> str | None:
         except OSError as e:
             errors.append(e)
 
-    thread = threading.Thread(target=probe, name="modelscope-probe", daemon=True)
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():

@@ -110,6 +110,7 @@ class WanVideoPipeline:
         use_usp: bool = False,
         attention_backend: str | None = None,
         progress_bar_cmd: Callable = tqdm,
+        download_source: str | None = None,
     ) -> "WanVideoPipeline":
         """Resolve (download if needed) and load every model file; networks are detected by content.
 
@@ -118,10 +119,12 @@ class WanVideoPipeline:
         ``$WAN_ATTENTION``) and the fused ops the device supports are switched on, plus its CPU fast
         path for a DiT computed on the CPU (exact to float32 rounding, no extra weight memory).
         ``progress_bar_cmd`` wraps the list of model files (``lambda x: x`` silences it).
+        ``download_source`` ("ModelScope" or "HuggingFace") is the hub of the configs that name none
+        and of the default tokenizer (None: ``$DIFFSYNTH_DOWNLOAD_SOURCE``, else ModelScope).
         ``use_usp=True`` (under torchrun) joins the process group, puts each rank on its own GPU and
         splits the DiT's tokens across the ranks (see :mod:`wan_runtime.parallel`).
         """
-        from .model_config import ModelConfig, redirect_common_files as redirect
+        from .model_config import ModelConfig, redirect_common_files as redirect, with_download_source
 
         torch_dtype = resolve_dtype(torch_dtype)
         if not use_usp:  # under USP the device is each rank's own GPU, chosen when the group starts
@@ -129,7 +132,9 @@ class WanVideoPipeline:
         if use_usp:
             device = init_process_group(device)
         if tokenizer_config is None:
-            tokenizer_config = ModelConfig(model_id="Wan-AI/Wan2.1-T2V-1.3B", origin_file_pattern="google/*")
+            tokenizer_config = ModelConfig(model_id="Wan-AI/Wan2.1-T2V-1.3B", origin_file_pattern="google/*",
+                                           download_source=download_source)
+        model_configs = with_download_source(model_configs, download_source)
         configs = redirect(list(model_configs)) if redirect_common_files else list(model_configs)
         pipe = cls(device=device, torch_dtype=torch_dtype)
         for config in progress_bar_cmd(configs):
