@@ -2,7 +2,8 @@
 
 ``enable()`` installs an attention dispatcher (FlashAttention 3 > 2 > SageAttention > SDPA, or a
 backend chosen by name / ``$WAN_ATTENTION``) and, where triton and a GPU are present, the fused
-Triton versions of the DiT's elementwise ops; ``disable()`` puts back what was there before.
+Triton versions of the DiT's elementwise ops: process-wide, or with ``modules=`` into those models
+only (``WanDiT.set_attention_backend`` / ``set_ops``); ``disable()`` puts back what was there before.
 ``quantize_fp8(model)`` stores linear weights in FP8. ``optimize_for_cpu(model)`` sets up the
 CPU fast path (in-place MLP GELU, one-pass elementwise ops; see :mod:`wan_kernels.cpu`).
 """
@@ -10,8 +11,9 @@ CPU fast path (in-place MLP GELU, one-pass elementwise ops; see :mod:`wan_kernel
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 from torch import nn
 from wan_models import attention as wan_attention
@@ -33,7 +35,19 @@ class _Installed:
     ops: dict[str, tuple[Callable, Callable]]  # op name -> (previous, installed)
 
 
+@dataclass
+class _ModelInstalled:
+    """What :func:`enable` replaced in one model (``modules=``), to be restored by :func:`disable`."""
+
+    dispatcher: AttentionDispatcher
+    previous_attention: Callable | None
+    previous_ops: Mapping[str, Callable] | None
+    ops: Mapping[str, Callable] | None  # the overrides installed (None: the model's ops were left alone)
+
+
 _installed: _Installed | None = None
+_model_installed: weakref.WeakKeyDictionary[nn.Module, _ModelInstalled] = weakref.WeakKeyDictionary()
+_latest: AttentionDispatcher | None = None  # the last enable()'s, described by attention_report()
 _cpu_installed: dict[str, tuple[Callable, Callable]] = {}  # op name -> (previous, installed) by optimize_for_cpu
 
 
@@ -50,16 +64,28 @@ def available_backends() -> list[str]:
     return REGISTRY.available()
 
 
-def enable(backend: str | None = None, fused_ops: bool = True) -> str:
+def enable(backend: str | None = None, fused_ops: bool = True,
+           modules: nn.Module | Iterable[nn.Module] | None = None) -> str:
     """Install the attention ``backend`` (``None``: ``$WAN_ATTENTION``, else ``"auto"``) and, if
     ``fused_ops``, the Triton fused ops the machine can run. Returns the active backend's name.
 
-    Raises :class:`BackendUnavailable` (changing nothing) for a named backend that cannot run here.
-    Calling it again first undoes the previous call.
+    ``modules`` (a model or several, e.g. ``WanDiT``: anything with ``set_attention_backend`` and
+    ``set_ops``) gets them as its own, leaving the process-wide defaults and other models alone;
+    ``None`` installs them process-wide. Raises :class:`BackendUnavailable` (changing nothing) for
+    a named backend that cannot run here. Calling it again for the same place first undoes the
+    previous call there.
     """
-    global _installed
+    global _installed, _latest
+    models = None if modules is None else _models(modules)
     dispatcher = REGISTRY.select(backend)
     fused = _fused_ops() if fused_ops else {}
+    _latest = dispatcher
+    if models is not None:
+        for model in models:
+            _enable_model(model, dispatcher, fused)
+        logger.info("wan_kernels: attention %s (%s), fused ops: %s, for %d model(s)", dispatcher.active,
+                    dispatcher.choice, ", ".join(fused) or "none", len(models))
+        return dispatcher.active
     _undo_enable()
     if fused:  # the Triton ops take precedence over optimize_for_cpu's
         _undo_cpu_ops()
@@ -71,14 +97,57 @@ def enable(backend: str | None = None, fused_ops: bool = True) -> str:
     return dispatcher.active
 
 
+def _models(modules: nn.Module | Iterable[nn.Module]) -> list[nn.Module]:
+    """``modules`` as a list, each checked to carry its own attention and ops (before anything changes)."""
+    models = [modules] if isinstance(modules, nn.Module) else list(modules)
+    for model in models:
+        if not (hasattr(model, "set_attention_backend") and hasattr(model, "set_ops")):
+            raise TypeError(f"{type(model).__name__} cannot take its own attention backend and ops "
+                            "(needs set_attention_backend and set_ops, as wan_models.WanDiT has)")
+    return models
+
+
+def _enable_model(model: nn.Module, dispatcher: AttentionDispatcher, fused: dict[str, Callable]) -> None:
+    """Give ``model`` the dispatcher and fused ops as its own, first undoing an earlier enable() there."""
+    _undo_model(model)
+    previous_attention = model.set_attention_backend(dispatcher)
+    previous_ops = model.op_overrides
+    if fused:
+        model.set_ops(fused)
+    _model_installed[model] = _ModelInstalled(dispatcher, previous_attention, previous_ops,
+                                              model.op_overrides if fused else None)
+
+
 def disable() -> None:
-    """Restore the attention function and ops that were installed before :func:`enable` and
-    :func:`optimize_for_cpu`.
+    """Restore the attention functions and ops that were installed before :func:`enable` (process-wide
+    and in every model it configured) and :func:`optimize_for_cpu`.
 
     A hook someone replaced after ``enable`` is left alone (with a warning) rather than clobbered.
     """
+    global _latest
     _undo_cpu_ops()
     _undo_enable()
+    for model in list(_model_installed.keys()):
+        _undo_model(model)
+    _latest = None
+
+
+def _undo_model(model: nn.Module) -> None:
+    installed = _model_installed.pop(model, None)
+    if installed is None:
+        return
+    if model.attention_fn is installed.dispatcher:
+        model.set_attention_backend(installed.previous_attention)
+    else:
+        logger.warning("wan_kernels.disable: the attention of a %s was replaced after enable(); leaving it",
+                       type(model).__name__)
+    if installed.ops is None:
+        return
+    if model.op_overrides is installed.ops:
+        model.set_ops(installed.previous_ops)
+    else:
+        logger.warning("wan_kernels.disable: the ops of a %s were replaced after enable(); leaving them",
+                       type(model).__name__)
 
 
 def _undo_cpu_ops() -> None:
@@ -123,16 +192,19 @@ def optimize_for_cpu(model: nn.Module, elementwise_ops: bool = True) -> CPURepor
     return CPUReport(tuple(mlps), tuple(installed))
 
 
-def attention_report(backend: str | None = None) -> AttentionReport:
+def attention_report(backend: str | None = None, model: nn.Module | None = None) -> AttentionReport:
     """Which attention backend is active and why every other one was passed over.
 
-    Describes the installed selection (with per-backend call counts) when :func:`enable` is in
-    effect and ``backend`` is ``None``; otherwise what ``enable(backend)`` would choose. ``str()``
-    of the report is a readable table.
+    With ``backend`` ``None``, describes (with per-backend call counts) ``model``'s own dispatcher if
+    it has one, else the selection of the last :func:`enable` (process-wide or per model) while in
+    effect; otherwise what ``enable(backend)`` would choose. ``str()`` of the report is a readable table.
     """
-    if _installed is not None and backend is None:
-        installed = wan_attention.get_attention_backend() is _installed.dispatcher
-        return REGISTRY.report(dispatcher=_installed.dispatcher, installed=installed)
+    if backend is None and isinstance(getattr(model, "attention_fn", None), AttentionDispatcher):
+        return REGISTRY.report(dispatcher=model.attention_fn, installed=True)
+    if backend is None and model is None and _latest is not None:
+        installed = wan_attention.get_attention_backend() is _latest or any(
+            m.attention_fn is _latest for m in list(_model_installed.keys()))
+        return REGISTRY.report(dispatcher=_latest, installed=installed)
     return REGISTRY.report(backend)
 
 

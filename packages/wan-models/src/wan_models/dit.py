@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .attention import attention
+from .attention import AttentionFn, attention
 from .dit_config import DiTConfig
 from .dit_extras import CameraAdapter
 from .rope import rope_tables
@@ -40,13 +40,15 @@ def is_per_token(timestep: torch.Tensor) -> bool:
 class RMSNorm(nn.Module):
     """RMS norm over the last dim, computed in float32 (the q/k norm of every attention)."""
 
+    op_overrides: Mapping[str, Callable] | None = None  # this model's own ops (WanDiT.set_ops)
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.get_op("rms_norm")(x, self.weight, self.eps)
+        return ops.get_op("rms_norm", self.op_overrides)(x, self.weight, self.eps)
 
 
 def layer_norm32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
@@ -95,16 +97,21 @@ def fold_padding(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
     return folded, bias
 
 
-def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`attention`, or SDPA with ``bias [L_k]`` added to every query's logits (the hook takes no bias)."""
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     fn: AttentionFn | None = None) -> torch.Tensor:
+    """:func:`attention` (with backend ``fn``), or SDPA with ``bias [L_k]`` added to every query's
+    logits (the hook takes no bias)."""
     if bias is None:
-        return attention(q, k, v)
+        return attention(q, k, v, fn)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias.to(q.dtype).unsqueeze(0))
     return out.transpose(1, 2)
 
 
 class SelfAttention(nn.Module):
+    attention_fn: AttentionFn | None = None  # this model's own backend (WanDiT.set_attention_backend)
+    op_overrides: Mapping[str, Callable] | None = None  # this model's own ops (WanDiT.set_ops)
+
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -113,11 +120,11 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        heads, rotate = (self.num_heads, -1), ops.get_op("apply_rope")
+        heads, rotate = (self.num_heads, -1), ops.get_op("apply_rope", self.op_overrides)
         q = rotate(self.norm_q(self.q(x)).unflatten(-1, heads), *rope)
         k = rotate(self.norm_k(self.k(x)).unflatten(-1, heads), *rope)
         v = self.v(x).unflatten(-1, heads)
-        return self.o(attention(q, k, v).flatten(-2))
+        return self.o(attention(q, k, v, self.attention_fn).flatten(-2))
 
 
 class CrossAttention(nn.Module):
@@ -127,6 +134,8 @@ class CrossAttention(nn.Module):
     others to the text branch with the context's bias; both branches share ``q`` and are summed
     before ``o``.
     """
+
+    attention_fn: AttentionFn | None = None  # this model's own backend (WanDiT.set_attention_backend)
 
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True,
                  image_input: bool = False) -> None:
@@ -146,10 +155,10 @@ class CrossAttention(nn.Module):
         image, text = context.rows[:, :image_tokens], context.rows[:, image_tokens:]
         bias = None if context.bias is None else context.bias[image_tokens:]
         k = self.norm_k(self.k(text)).unflatten(-1, heads)
-        out = biased_attention(q, k, self.v(text).unflatten(-1, heads), bias)
+        out = biased_attention(q, k, self.v(text).unflatten(-1, heads), bias, self.attention_fn)
         if image_tokens:
             k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
-            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads))
+            out = out + attention(q, k_img, self.v_img(image).unflatten(-1, heads), self.attention_fn)
         return self.o(out.flatten(-2))
 
 
@@ -157,6 +166,7 @@ class DiTBlock(nn.Module):
     """Modulated self-attention, cross-attention and modulated FFN with gated residuals."""
 
     children_read_directly: tuple[str, ...] = ("norm3",)  # layer_norm32(x, self.norm3); see wan_models.ops
+    op_overrides: Mapping[str, Callable] | None = None  # this model's own ops (WanDiT.set_ops)
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -176,7 +186,8 @@ class DiTBlock(nn.Module):
         float32 time modulation."""
         # The compute dtype is read from a parameter no kernel package swaps (FP8 linears keep others).
         dtype, eps = self.modulation.dtype, self.norm1.eps
-        modulate, gated_residual = ops.get_op("modulate"), ops.get_op("gated_residual")
+        own = self.op_overrides
+        modulate, gated_residual = ops.get_op("modulate", own), ops.get_op("gated_residual", own)
         if e0.ndim == 3:
             shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
         else:
@@ -210,6 +221,8 @@ class VaceBlock(DiTBlock):
 class Head(nn.Module):
     """Final modulated LayerNorm and projection to ``out_dim * prod(patch)`` per token."""
 
+    op_overrides: Mapping[str, Callable] | None = None  # this model's own ops (WanDiT.set_ops)
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(config.dim, config.eps, elementwise_affine=False)
@@ -222,7 +235,7 @@ class Head(nn.Module):
             shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
         else:
             shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)
-        h = ops.get_op("modulate")(x, shift, scale, self.norm.eps)
+        h = ops.get_op("modulate", self.op_overrides)(x, shift, scale, self.norm.eps)
         return self.head(h.to(self.modulation.dtype))
 
 
@@ -271,6 +284,8 @@ class WanDiT(nn.Module):
     """Wan DiT: ``dit(x, timestep, context, clip_feature=..., y=...) -> [B, out_dim, F, H, W]``."""
 
     dtype_parameters: tuple[str, ...] = ("patch_embedding.weight",)  # WanDiT.dtype; see wan_models.ops
+    attention_fn: AttentionFn | None = None  # own attention backend (set_attention_backend); None: process-wide
+    op_overrides: Mapping[str, Callable] | None = None  # own elementwise ops (set_ops); others: process-wide
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
@@ -297,6 +312,31 @@ class WanDiT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
+
+    # -- this model's own attention and ops (two DiTs in one process need not share them) --------
+
+    def set_attention_backend(self, fn: AttentionFn | None) -> AttentionFn | None:
+        """Attend with ``fn`` in this DiT's attention modules (``None``: the process-wide backend of
+        :func:`wan_models.attention.set_attention_backend` again); returns the DiT's previous one."""
+        if fn is not None and not callable(fn):
+            raise TypeError(f"attention backend must be callable taking (q, k, v), got {fn!r}")
+        previous = self.attention_fn
+        for module in list(self.modules()):
+            if hasattr(type(module), "attention_fn"):
+                module.attention_fn = fn
+        return previous
+
+    def set_ops(self, overrides: Mapping[str, Callable] | None) -> Mapping[str, Callable] | None:
+        """Use ``overrides`` (op name -> function, see :mod:`wan_models.ops`) in this DiT; ops it does
+        not name, and all of them for ``None``, are the process-wide ones. Returns the previous overrides."""
+        if overrides is not None:
+            ops.check_overrides(overrides)
+            overrides = dict(overrides)
+        previous = self.op_overrides
+        for module in self.modules():
+            if hasattr(type(module), "op_overrides"):
+                module.op_overrides = overrides
+        return previous
 
     # -- stages, public so that pipelines (caching, sequence parallel) can compose them ----------
 

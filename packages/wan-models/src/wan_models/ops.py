@@ -1,8 +1,10 @@
 """Elementwise pieces of the DiT that kernel packages may replace with fused versions.
 
 The torch versions here are the reference. ``wan_kernels`` (or a researcher's package) swaps one in
-with :func:`set_op`, which returns the previous function so it can be put back. Every op must
-match its reference within float32 rounding.
+for one model with ``WanDiT.set_ops`` (its modules pass their own ``op_overrides`` to
+:func:`get_op`) or, as the default for every module given none, for the whole process with
+:func:`set_op`, which returns the previous function so it can be put back. Every op must match its
+reference within float32 rounding.
 
 Facts for memory managers (layer-wise offloading, e.g. :mod:`wan_runtime.memory`), declared as
 class attributes of the networks' modules so that a new network needs no manager edit:
@@ -17,7 +19,7 @@ class attributes of the networks' modules so that a new network needs no manager
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,14 +55,24 @@ DEFAULTS: dict[str, Callable] = {
 _active: dict[str, Callable] = dict(DEFAULTS)
 
 
-def get_op(name: str) -> Callable:
-    """The implementation of op ``name`` that the networks currently call."""
+def get_op(name: str, overrides: Mapping[str, Callable] | None = None) -> Callable:
+    """The implementation of op ``name``: a module's own from ``overrides`` (``WanDiT.set_ops``), else
+    the process-wide one that every module given none calls."""
+    if overrides is not None and name in overrides:
+        return overrides[name]
     return _active[name]
 
 
+def check_overrides(overrides: Mapping[str, Callable]) -> None:
+    """Raise ``KeyError`` for a name in ``overrides`` that is no replaceable op (a typo would be ignored)."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown op {', '.join(map(repr, unknown))}; replaceable ops: {', '.join(DEFAULTS)}")
+
+
 def set_op(name: str, fn: Callable | None) -> Callable:
-    """Install ``fn`` for op ``name`` (``None`` restores the torch reference); returns the previous one."""
-    if name not in DEFAULTS:
-        raise KeyError(f"unknown op {name!r}; replaceable ops: {', '.join(DEFAULTS)}")
+    """Install ``fn`` process-wide for op ``name`` (``None`` restores the torch reference); returns the
+    previous one. Modules given their own op (``WanDiT.set_ops``) keep it."""
+    check_overrides({name: fn})
     previous, _active[name] = _active[name], fn or DEFAULTS[name]
     return previous

@@ -7,6 +7,7 @@ backend and the fused ops the machine supports.
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 from torch import nn
 
@@ -15,9 +16,13 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'wan-runtime[kernels]'"
 
 
-def enable_kernels(backend: str | None = None) -> str:
+def enable_kernels(backend: str | None = None, modules: nn.Module | Iterable[nn.Module | None] | None = None) -> str:
     """Install ``wan_kernels`` (``backend`` None: ``$WAN_ATTENTION`` or the best available); returns the
-    active attention backend. Without the package only the built-in torch SDPA is available."""
+    active attention backend. Without the package only the built-in torch SDPA is available.
+
+    ``modules`` (DiTs; ``None`` entries, e.g. an absent second expert, are skipped) get the backend
+    and fused ops as their own instead of the whole process (``modules=None``).
+    """
     try:
         import wan_kernels
     except ImportError:
@@ -25,7 +30,9 @@ def enable_kernels(backend: str | None = None) -> str:
             raise ValueError(f"attention backend {backend!r} needs the wan-kernels package ({INSTALL_HINT})") from None
         logger.info("wan-kernels is not installed: attention through torch SDPA, no fused ops")
         return "sdpa"
-    return wan_kernels.enable(backend)
+    if modules is not None:
+        modules = [modules] if isinstance(modules, nn.Module) else [m for m in modules if m is not None]
+    return wan_kernels.enable(backend, modules=modules)
 
 
 def quantize_fp8(module: nn.Module, include: str | list[str] | None = "blocks.*", scaled_mm: bool = False):

@@ -2,6 +2,7 @@
 
 from .usp import (
     SequenceParallel,
+    SequenceParallelAttention,
     SequenceParallelDiT,
     ShardedInputs,
     enable_usp,
@@ -12,6 +13,7 @@ from .usp import (
 
 __all__ = [
     "SequenceParallel",
+    "SequenceParallelAttention",
     "SequenceParallelDiT",
     "ShardedInputs",
     "enable_usp",

@@ -6,9 +6,12 @@ the end to a multiple of the world size) with the matching RoPE rows and, for pe
 slices. Everything in a block except self-attention works token by token, so it runs on the
 slice as it is. Cross-attention needs nothing: its queries are local and the text context is
 replicated. Self-attention is Ulysses: one all-to-all turns the q/k/v slices into whole sequences of
-a subset of the heads, the attention backend that was installed attends over the real (unpadded)
-positions, and a second all-to-all brings the outputs back. Heads are split as evenly as they go, so
-any head count works on any world size. The slices are gathered again before the head.
+a subset of the heads, the module's own attention backend (else the process-wide one) attends over
+the real (unpadded) positions, and a second all-to-all brings the outputs back. Heads are split as
+evenly as they go, so any head count works on any world size. The slices are gathered again before
+the head. This attention is each wrapped DiT's own (its self-attention modules' ``attention_fn``,
+:class:`SequenceParallelAttention`): no process-wide backend is swapped, so another DiT (the other
+Wan 2.2 expert, a plain one), or the same DiT called directly, runs as in one process.
 
 With xfuser installed on CUDA its ``xFuserLongContextAttention`` (Ulysses x ring) replaces the
 built-in all-to-all for sequences that need no padding (it cannot mask padding keys).
@@ -25,12 +28,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Iterator
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.distributed as dist
 
 from wan_models import WanDiT
-from wan_models.attention import AttentionFn, get_attention_backend, set_attention_backend
+from wan_models.attention import AttentionFn, get_attention_backend
 from wan_models.dit import DiTInputs, SelfAttention
 
 from ..units import noise
@@ -64,7 +68,8 @@ def init_process_group(device: str | torch.device = "cuda") -> torch.device:
 
 
 def enable_usp(pipe: Any, group: dist.ProcessGroup | None = None) -> "SequenceParallel":
-    """Make ``pipe`` (a ``WanVideoPipeline``) run its DiT sequence-parallel over ``group`` (None: all ranks).
+    """Make ``pipe`` (a ``WanVideoPipeline``) run its DiT, and its low-noise expert ``dit2`` if any,
+    sequence-parallel over ``group`` (None: all ranks), each with its own sequence-parallel attention.
 
     Every rank must run the same generation call: unseeded noise is taken from the group's first
     rank so that all ranks denoise the same latents. On CUDA with xfuser installed (and the whole
@@ -76,6 +81,9 @@ def enable_usp(pipe: Any, group: dist.ProcessGroup | None = None) -> "SequencePa
         raise RuntimeError("no torch.distributed process group: call init_process_group() under torchrun first")
     xfuser = xfuser_attention(pipe.dit.config.num_heads) if pipe.device.type == "cuda" and group is None else None
     pipe.sequence_parallel = SequenceParallel(group, parallel_attention=xfuser)
+    for dit in (pipe.dit, getattr(pipe, "dit2", None)):
+        if dit is not None:
+            pipe.sequence_parallel.install(dit)
     if same_noise_on_every_rank not in pipe.units:
         pipe.units.insert(pipe.units.index(noise.initial_noise) + 1, same_noise_on_every_rank)
     logger.info("sequence parallel DiT over %d ranks (self-attention: %s)", pipe.sequence_parallel.world,
@@ -119,10 +127,26 @@ class SequenceParallel:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.parallel_attention = parallel_attention
+        self._sharding: WeakKeyDictionary[WanDiT, _Sharding] = WeakKeyDictionary()
 
     def wrap(self, dit: WanDiT) -> "SequenceParallelDiT":
         """``dit`` with the stages :func:`wan_runtime.denoise.predict` calls, run sequence-parallel."""
         return SequenceParallelDiT(dit, self)
+
+    def install(self, dit: WanDiT) -> "_Sharding":
+        """Give ``dit``'s self-attention modules this group's attention as their own backend, keeping the
+        one each had as the local part (again where it was replaced since); returns the DiT's sharding."""
+        sharding = self._sharding.setdefault(dit, _Sharding())
+        for module in dit.modules():
+            if not isinstance(module, SelfAttention):
+                continue
+            local = module.attention_fn
+            if isinstance(local, SequenceParallelAttention):
+                if local.sharding is sharding:
+                    continue
+                local = local.local
+            module.attention_fn = SequenceParallelAttention(self, local, sharding)
+        return sharding
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """Overwrite ``tensor`` in place with the group's first rank's."""
@@ -153,6 +177,29 @@ class SequenceParallel:
         return partial(ulysses_attention, local=local, length=length, group=self.group)
 
 
+@dataclass
+class _Sharding:
+    """The real token count while a DiT's blocks run on slices; ``None`` while it runs whole."""
+
+    length: int | None = None
+
+
+class SequenceParallelAttention:
+    """A self-attention module's own backend under USP: across the group while its DiT runs on slices,
+    else (the DiT called directly) the module's ``local`` backend, or the process-wide one if ``None``."""
+
+    def __init__(self, parallel: SequenceParallel, local: AttentionFn | None, sharding: _Sharding) -> None:
+        self.parallel = parallel
+        self.local = local
+        self.sharding = sharding
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        local = get_attention_backend() if self.local is None else self.local
+        if self.sharding.length is None:
+            return local(q, k, v)
+        return self.parallel.self_attention(local, self.sharding.length)(q, k, v)
+
+
 class SequenceParallelDiT:
     """A :class:`WanDiT` whose blocks run on this rank's slice of the tokens; same call and stages.
 
@@ -164,6 +211,7 @@ class SequenceParallelDiT:
     def __init__(self, dit: WanDiT, parallel: SequenceParallel) -> None:
         self.dit = dit
         self.parallel = parallel
+        self._sharding = parallel.install(dit)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                  **inputs: Any) -> torch.Tensor:
@@ -191,7 +239,7 @@ class SequenceParallelDiT:
     def run_blocks(self, inputs: ShardedInputs, tokens: torch.Tensor | None = None, start: int = 0,
                    end: int | None = None) -> torch.Tensor:
         """``WanDiT.run_blocks`` (blocks ``start`` to ``end - 1``) on this rank's slice."""
-        with self._sequence_parallel_self_attention(inputs.length):
+        with self._sharded(inputs.length):
             return self.dit.run_blocks(inputs, tokens, start, end)
 
     def finish(self, tokens: torch.Tensor, inputs: ShardedInputs) -> torch.Tensor:
@@ -201,35 +249,18 @@ class SequenceParallelDiT:
     def _vace_hints(self, inputs: ShardedInputs, vace_context: torch.Tensor) -> list[torch.Tensor]:
         """``WanDiT.vace_hints`` on slices: the VACE blocks run sequence-parallel like the main ones."""
         c = self.parallel.shard(self.dit.embed_vace(vace_context), 1)
-        with self._sequence_parallel_self_attention(inputs.length):
+        with self._sharded(inputs.length):
             return self.dit.vace_hints(inputs.tokens, c, inputs.e0, inputs.context, inputs.rope)
 
     @contextmanager
-    def _sequence_parallel_self_attention(self, length: int) -> Iterator[None]:
-        """While inside, the DiT's self-attention modules attend across ranks; cross-attention stays local.
-
-        Hooks on each :class:`SelfAttention` swap the attention backend in for its call and restore
-        the backend that was installed (which also does the local part of the parallel attention).
-        """
-        local = get_attention_backend()
-        parallel = self.parallel.self_attention(local, length)
-
-        def enter(module: torch.nn.Module, args: Any) -> None:
-            set_attention_backend(parallel)
-
-        def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
-            set_attention_backend(local)
-
-        hooks = []
-        for module in self.dit.modules():
-            if isinstance(module, SelfAttention):
-                hooks.append(module.register_forward_pre_hook(enter))
-                hooks.append(module.register_forward_hook(leave, always_call=True))
+    def _sharded(self, length: int) -> Iterator[None]:
+        """While inside, the DiT's self-attention (its :class:`SequenceParallelAttention`) attends across
+        ranks over ``length`` real tokens; cross-attention stays local."""
+        previous, self._sharding.length = self._sharding.length, length
         try:
             yield
         finally:
-            for hook in hooks:
-                hook.remove()
+            self._sharding.length = previous
 
 
 # -- Ulysses attention with an uneven head split -------------------------------------------------
