@@ -2,20 +2,107 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
-from .options import DTYPES, default_device, finite, load_config, torch_dtype
+from .options import DTYPES, default_device, finite, key_values, load_config, torch_dtype
 
 CAMERA_DIRECTIONS = ("Left", "Right", "Up", "Down", "LeftUp", "LeftDown", "RightUp", "RightDown")
 SAMPLERS = ("euler", "unipc", "dpmpp")
-# Defaults of the size/step flags with --model; without it, the embedded model's DEFAULT_MODEL_SETTINGS.
-REGISTRY_MODEL_SETTINGS = {"height": 480, "width": 832, "frames": 81, "steps": 50, "cfg_scale": 5.0}
+SAMPLER_SPELLINGS = {"dpm++": "dpmpp"}  # the registry's (official) solver names -> --sampler's
+REGISTRY_DEFAULT = "default: the model's registry settings"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The values of the sampling flags (--height ... --sampler), by their parameter names."""
+
+    height: int
+    width: int
+    frames: int
+    fps: int
+    steps: int
+    sigma_shift: float
+    cfg_scale: float
+    sampler: str
+
+    def describe(self) -> str:
+        return (f"{self.width}x{self.height}, {self.frames} frames @ {self.fps} fps, {self.steps} steps, "
+                f"shift {float(self.sigma_shift)}, cfg {float(self.cfg_scale)}, {self.sampler}")
+
+
+# A folder that matches no registry entry: DiffSynth-Studio's pipeline defaults, 15 fps as its examples.
+FALLBACK_SETTINGS = Settings(height=480, width=832, frames=81, fps=15, steps=50, sigma_shift=5.0, cfg_scale=5.0,
+                             sampler="euler")
+
+
+def registry_settings(sampling: Any) -> Settings:
+    """A ``wan_models.configs.Sampling`` as flag values: its first size and sampler; for an expert pair's
+    (low-noise, high-noise) guidance, the high-noise scale (``--cfg-scale`` is one number)."""
+    height, width = sampling.sizes[0]
+    guidance = sampling.guidance[1] if isinstance(sampling.guidance, tuple) else sampling.guidance
+    sampler = SAMPLER_SPELLINGS.get(sampling.default_sampler, sampling.default_sampler)
+    return Settings(height, width, sampling.frames, sampling.fps, sampling.steps, sampling.shift, guidance, sampler)
+
+
+def folder_entry(folder: Path) -> tuple[Optional[str], list[str]]:
+    """The registry entry whose DiT config a model folder's DiT has (its name picks among entries sharing
+    one config), and every entry of that config; None when none matches or the name cannot tell them apart."""
+    import wan_models
+    from wan_models.configs import DIT_FILES
+    from wan_models.loading import read_checkpoint
+
+    files = sorted(folder.glob(DIT_FILES))
+    if not files:
+        return None, []
+    try:
+        config = read_checkpoint(files, network="dit").config
+    except (ValueError, OSError):  # an unreadable DiT: loading it reports why
+        return None, []
+    candidates = [name for name, spec in wan_models.MODELS.items() if spec.config == config]
+    named = [name for name in candidates if folder.name.lower() in
+             {name.lower(), *(repo.rsplit("/", 1)[-1].lower()
+                              for repo in (wan_models.MODELS[name].model_id, wan_models.MODELS[name].hf_id))}]
+    if len(named) == 1:
+        return named[0], candidates
+    if len({wan_models.MODELS[name].sampling for name in candidates}) == 1:  # the same settings either way
+        return candidates[0], candidates
+    return None, candidates
+
+
+def default_settings(model: Optional[str]) -> tuple[Settings, str, Optional[str]]:
+    """The flags' defaults for ``--model``, where they come from (for the log line) and the registry entry."""
+    import wan_models
+
+    if model is None:
+        from wan_runtime.assets import DEFAULT_MODEL_SETTINGS as tiny
+
+        settings = dataclasses.replace(FALLBACK_SETTINGS, height=tiny["height"], width=tiny["width"],
+                                       frames=tiny["frames"], steps=tiny["steps"], cfg_scale=tiny["cfg_scale"])
+        return settings, "the embedded tiny-shapes model", None
+    if Path(model).is_dir():
+        entry, candidates = folder_entry(Path(model))
+        if entry is None:
+            why = (f"its DiT fits {', '.join(candidates)}, which its name does not tell apart" if candidates
+                   else "no registry entry has its DiT's config")
+            return FALLBACK_SETTINGS, f"the defaults ({model}: {why})", None
+        source = f"the registry entry {entry} (matched by {model}'s DiT)"
+    elif model in wan_models.MODELS:
+        entry, source = model, f"the registry entry {model}"
+    else:
+        return FALLBACK_SETTINGS, "the defaults", None  # not a model: resolve_model says so
+    sampling = wan_models.MODELS[entry].sampling
+    if sampling is None:
+        return FALLBACK_SETTINGS, f"the defaults ({entry} has no registry settings)", entry
+    if isinstance(sampling.guidance, tuple):
+        source += f" (guidance (low, high) = {sampling.guidance}; one --cfg-scale serves both experts)"
+    return registry_settings(sampling), source, entry
 
 
 class StageTimer:
@@ -82,19 +169,21 @@ def generate(
     vace_reference: Optional[Path] = typer.Option(None, "--vace-reference", help="VACE reference image."),
     vace_scale: float = typer.Option(1.0, "--vace-scale", callback=finite, help="Strength of the VACE hints."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (same seed, same video)."),
-    height: Optional[int] = typer.Option(None, "--height", min=16, help="Pixels; rounded up to a multiple of 16."
-                                         " Default 480, or the embedded model's."),
-    width: Optional[int] = typer.Option(None, "--width", min=16, help="Pixels; rounded up to a multiple of 16."
-                                        " Default 832, or the embedded model's."),
-    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Frame count; rounded up to 4k+1."
-                                         " Default 81, or the embedded model's."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Denoising steps."
-                                        " Default 50, or the embedded model's."),
+    height: Optional[int] = typer.Option(None, "--height", min=16, help="Pixels; rounded up to a multiple of 16 "
+                                         f"({REGISTRY_DEFAULT})."),
+    width: Optional[int] = typer.Option(None, "--width", min=16, help="Pixels; rounded up to a multiple of 16 "
+                                        f"({REGISTRY_DEFAULT})."),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Frame count; rounded up to 4k+1 "
+                                         f"({REGISTRY_DEFAULT})."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help=f"Denoising steps ({REGISTRY_DEFAULT})."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", callback=finite, min=0.0,
-                                              help="Classifier-free guidance (1 = off). Default 5.0, or the embedded "
-                                                   "model's."),
-    sigma_shift: float = typer.Option(5.0, "--sigma-shift", callback=finite, help="Schedule time shift (> 0)."),
-    sampler: str = typer.Option("euler", "--sampler", help=f"One of {', '.join(SAMPLERS)}."),
+                                              help=f"Classifier-free guidance, 1 = off ({REGISTRY_DEFAULT}; "
+                                                   "an expert pair's are (low-noise, high-noise): the high-noise one, "
+                                                   "for both)."),
+    sigma_shift: Optional[float] = typer.Option(None, "--sigma-shift", callback=finite,
+                                                help=f"Schedule time shift, > 0 ({REGISTRY_DEFAULT})."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help=f"One of {', '.join(SAMPLERS)} "
+                                          f"({REGISTRY_DEFAULT}; the official dpm++ is dpmpp)."),
     motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,
                                                    help="Speed control (with the speedcontrol model)."),
     tiled: bool = typer.Option(True, "--tiled/--no-tiled", help="Tiled VAE encode/decode (less memory)."),
@@ -110,11 +199,17 @@ def generate(
                                              help="TeaCache threshold (e.g. 0.05 to 0.2): skip near-duplicate steps."),
     teacache_model: Optional[str] = typer.Option(None, "--teacache-model",
                                                  help="TeaCache coefficients to use (default: --model's name)."),
+    step_cache: Optional[str] = typer.Option(None, "--step-cache",
+                                             help="Step cache that skips near-duplicate DiT steps: first_block, "
+                                                  "teacache, magcache (docs/step_caches.md)."),
+    step_cache_option: list[str] = typer.Option([], "--step-cache-option",
+                                                help="KEY=VALUE option of --step-cache (e.g. threshold=0.08; numbers, "
+                                                     "true/false, comma lists); repeatable."),
     usp: bool = typer.Option(False, "--usp", help="Sequence parallel across the GPUs of a torchrun launch."),
     offload: bool = typer.Option(False, "--offload", help="Keep weights in CPU memory, stream layers to the GPU."),
     vram_limit: Optional[float] = typer.Option(None, "--vram-limit", callback=finite, min=0.0,
                                                help="GB of GPU memory for resident weights (with --offload)."),
-    fps: int = typer.Option(15, "--fps", min=1, help="Frames per second of the mp4."),
+    fps: Optional[int] = typer.Option(None, "--fps", min=1, help=f"Frames per second of the mp4 ({REGISTRY_DEFAULT})."),
     quality: int = typer.Option(5, "--quality", min=0, max=10, help="mp4 quality 0..10 (10 best)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cpu, ... (default: cuda if present)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help=f"One of {', '.join(DTYPES)}."),
@@ -123,18 +218,20 @@ def generate(
     config: Optional[Path] = typer.Option(None, "--config", is_eager=True, callback=load_config,
                                           help="TOML file of option defaults (keys = flag names)."),
 ) -> None:
-    """Generate a video and write it as an mp4 (with the embedded tiny-shapes model when no --model is given)."""
-    if model is None:
-        from wan_runtime.assets import DEFAULT_MODEL_SETTINGS, default_model_dir
+    """Generate a video and write it as an mp4 (with the embedded tiny-shapes model when no --model is given).
 
-        model, defaults = str(default_model_dir()), DEFAULT_MODEL_SETTINGS
-    else:
-        defaults = REGISTRY_MODEL_SETTINGS
-    height = defaults["height"] if height is None else height
-    width = defaults["width"] if width is None else width
-    frames = defaults["frames"] if frames is None else frames
-    steps = defaults["steps"] if steps is None else steps
-    cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+    Sampling flags not given take the model's registry settings (``wan_models.MODELS[name].sampling``).
+    """
+    defaults, settings_source, entry = default_settings(model)
+    if model is None:
+        from wan_runtime.assets import default_model_dir
+
+        model = str(default_model_dir())
+    given = dict(height=height, width=width, frames=frames, fps=fps, steps=steps, sigma_shift=sigma_shift,
+                 cfg_scale=cfg_scale, sampler=sampler)
+    settings = dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
+    height, width, frames, fps, steps = settings.height, settings.width, settings.frames, settings.fps, settings.steps
+    sigma_shift, cfg_scale, sampler = settings.sigma_shift, settings.cfg_scale, settings.sampler
     if camera_direction is not None and camera_direction not in CAMERA_DIRECTIONS:
         raise typer.BadParameter(f"{camera_direction!r} is not one of {', '.join(CAMERA_DIRECTIONS)}",
                                  param_hint="--camera-direction")
@@ -161,6 +258,8 @@ def generate(
         if teacache_model not in TEACACHE_COEFFICIENTS:
             raise typer.BadParameter(f"no TeaCache coefficients for {teacache_model!r}; pass --teacache-model, one of "
                                      f"{', '.join(TEACACHE_COEFFICIENTS)}", param_hint="--teacache")
+    cache_options = _step_cache_options(step_cache, step_cache_option, teacache, teacache_model or entry
+                                        or Path(model).name, steps, window_size, window_stride)
     dtype_ = torch_dtype(dtype)
 
     from tqdm import tqdm
@@ -180,6 +279,10 @@ def generate(
         source = resolve_model(model)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
+    named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+    typer.echo(f"settings from {settings_source}: {settings.describe()}"
+               + (f"; from the command line: {', '.join(named)}" if named else ""), err=True)
+
     def bar(stage: str, unit: str):
         return (lambda x: x) if quiet else (lambda x: tqdm(x, desc=stage, unit=unit))
 
@@ -194,7 +297,8 @@ def generate(
             seed=seed, height=height, width=width, num_frames=frames, cfg_scale=cfg_scale,
             num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, motion_bucket_id=motion_bucket_id,
             tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride,
-            tea_cache_l1_thresh=teacache, tea_cache_model_id=teacache_model or "")
+            tea_cache_l1_thresh=teacache, tea_cache_model_id=teacache_model or "", step_cache=step_cache,
+            step_cache_options=cache_options)
         limits = RequestLimits.from_env()
         limits.check_size(request)  # before any file is read or network loaded
         size = dict(height=request.height, width=request.width)
@@ -208,8 +312,6 @@ def generate(
                 setattr(request, field, load_video(path, num_frames=request.num_frames, **size))
     model_configs = source.model_configs
     if offload:
-        import dataclasses
-
         model_configs = [dataclasses.replace(c, offload_device="cpu") for c in model_configs]
     with timer.stage("load"):
         pipe = WanVideoPipeline.from_pretrained(torch_dtype=dtype_, device=device,
@@ -245,6 +347,27 @@ def generate(
         save_video(video_frames, output, fps=fps, quality=quality)
     typer.echo(f"wrote {output} ({len(video_frames)} frames, {video_frames[0].width}x{video_frames[0].height}); "
                f"{timer.summary()}")
+
+
+def _step_cache_options(name: Optional[str], values: list[str], teacache: Optional[float], model_name: str,
+                        steps: int, window_size: Optional[int], window_stride: Optional[int]) -> dict[str, Any]:
+    """``--step-cache-option`` values as ``step_cache_options``, checked by building the caches now, so a
+    bad name or option is a usage error before anything loads (TeaCache's model_id defaults to the model's name)."""
+    options = key_values(values, "--step-cache-option")
+    if name is None and not options:
+        return options
+    if name == "teacache":
+        options.setdefault("model_id", model_name)
+    from wan_runtime.caching import make_step_caches
+    from wan_runtime.request import GenerationRequest
+
+    try:
+        probe = GenerationRequest(step_cache=name, step_cache_options=options, tea_cache_l1_thresh=teacache,
+                                  sliding_window_size=window_size, sliding_window_stride=window_stride)
+        make_step_caches(probe, steps, 1)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--step-cache") from None
+    return options
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,5 @@
-"""``wan models``: the registry as a table, with which files are present locally, and whole."""
+"""``wan models``: the registry as a table, with which files are present locally, and whole (under
+either hub's repository id: ``wan download --source`` stores a model under the id of its hub)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,41 @@ from typing import Optional
 
 import typer
 
-from wan_runtime.model_config import COMMON_FILES, missing_files
+from wan_models import ModelSpec
+from wan_runtime import hubs
+from wan_runtime.model_config import COMMON_FILES_BY_HUB, missing_files
 
 DEFAULT_DIR = Path("models")
 
 
-def _status(local_dir: Path, model_id: str, pattern: str, notes: dict[str, str]) -> str:
-    """``+`` whole, ``!`` there but incomplete (why goes to ``notes``), ``-`` missing."""
-    repo = COMMON_FILES.get(pattern, model_id)
-    missing = missing_files(local_dir.absolute() / repo, [pattern])
-    if pattern not in missing:
-        return "+"
-    if not missing[pattern]:
-        return "-"
-    notes[f"{repo}/{pattern}"] = missing[pattern]
-    return "!"
+def _repos(spec: ModelSpec, pattern: str) -> list[str]:
+    """The folders (repository ids) a file of ``spec`` is stored under: the ModelScope one, then the Hub's."""
+    ids = {hubs.MODELSCOPE: spec.model_id, hubs.HUGGINGFACE: spec.hf_id}
+    return list(dict.fromkeys(COMMON_FILES_BY_HUB[hub].get(pattern, repo) for hub, repo in ids.items()))
+
+
+def _status(local_dir: Path, spec: ModelSpec, pattern: str, notes: dict[str, str]) -> str:
+    """``+`` whole under either hub's id, ``!`` there but incomplete (why goes to ``notes``), ``-`` missing."""
+    problems = {}
+    for repo in _repos(spec, pattern):
+        missing = missing_files(local_dir.absolute() / repo, [pattern])
+        if pattern not in missing:
+            return "+"
+        if missing[pattern]:
+            problems[f"{repo}/{pattern}"] = missing[pattern]
+    notes.update(problems)
+    return "!" if problems else "-"
 
 
 def models(
     local_dir: Optional[Path] = typer.Option(None, "--local-dir", show_default=f"{DEFAULT_DIR}",
                                              help="Models folder to check for files."),
 ) -> None:
-    """List every known model: variant, size (per expert for an expert pair), files it needs and which are present."""
+    """List every known model: variant, size (per expert for an expert pair), files it needs and which are present.
+
+    A file counts as present when it is whole under the model's ModelScope id or its Hugging Face Hub id
+    (e.g. PAI/... or alibaba-pai/...), whichever hub it was downloaded from.
+    """
     import torch
 
     import wan_models
@@ -50,7 +64,7 @@ def models(
         params = sum(p.numel() for p in module.parameters())
         variant = spec.config.variant if is_dit else f"speed control for {spec.base_model}"
         size = f"{params / 1e9:.2f}B" + (f" x{len(spec.experts)}" if spec.experts else "")
-        files = " ".join(_status(folder, spec.model_id, p, notes) + p for p in spec.files)
+        files = " ".join(_status(folder, spec, p, notes) + p for p in spec.files)
         rows.append((name, variant, size, files))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:

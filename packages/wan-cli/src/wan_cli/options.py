@@ -32,6 +32,32 @@ def finite(ctx: typer.Context, param: typer.CallbackParam, value: float | None) 
     return value
 
 
+def key_values(values: list[str], flag: str) -> dict[str, Any]:
+    """Repeatable ``KEY=VALUE`` flags as a dict (the last of a repeated key wins); values that look like
+    numbers, ``true``/``false`` or comma-separated lists of them become those."""
+    parsed: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=flag)
+        parsed[key.strip()] = _value(value.strip())
+    return parsed
+
+
+def _value(text: str) -> Any:
+    """``text`` as an int, float, bool or list of them where it reads as one; else the text itself."""
+    if "," in text:
+        return [_value(part.strip()) for part in text.split(",")]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def default_device() -> str:
     import torch
 
