@@ -21,6 +21,7 @@ from . import ops
 from .attention import AttentionFn, attention
 from .dit_config import DiTConfig
 from .dit_extras import CameraAdapter
+from .identity import Identity
 from .rope import rope_tables
 
 
@@ -286,6 +287,7 @@ class WanDiT(nn.Module):
     dtype_parameters: tuple[str, ...] = ("patch_embedding.weight",)  # WanDiT.dtype; see wan_models.ops
     attention_fn: AttentionFn | None = None  # own attention backend (set_attention_backend); None: process-wide
     op_overrides: Mapping[str, Callable] | None = None  # own elementwise ops (set_ops); others: process-wide
+    identity: Identity | None = None  # family and expert role, set by the loader (wan_models.identity)
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()

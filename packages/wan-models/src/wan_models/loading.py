@@ -279,6 +279,8 @@ def load_model(path_or_paths: PathLike | Sequence[PathLike], *, dtype: torch.dty
         module = ckpt.network.module(ckpt.config)
     what = f"{ckpt.config.variant}; {ckpt.identity.describe()}" if ckpt.identity else ckpt.network.name
     logger.info("loading %s (%s) from %s", type(module).__name__, what, ckpt.source)
+    if ckpt.identity is not None:
+        module.identity = ckpt.identity
     try:
         return load_into(module, ckpt.state_dict, dtype=ckpt.dtype, device=device, source=ckpt.source)
     except NonFiniteWeights as e:

@@ -19,7 +19,6 @@ from wan_models.t5 import UMT5Encoder
 from wan_models.vae import WanVAE
 
 from .acceleration import enable_kernels, optimize_for_cpu, quantize_fp8
-from .caching import StepCache, make_step_caches
 from .compile import compile_blocks, is_compiled
 from .denoise import predict, predict_windows
 from .devices import resolve_device, resolve_dtype
@@ -31,6 +30,7 @@ from .memory import Accountant, VramManager, manage_pipeline
 from .parallel import SequenceParallel, enable_usp, init_process_group
 from .request import GenerationRequest, finite_number
 from .schedulers import make_scheduler
+from .step import DEFAULT_STEP_HOOKS, Route, StepHook, plan_steps
 from .units import Conditioning, Unit, camera, control, image, noise, prompt, required_inputs, speed, vace
 
 if TYPE_CHECKING:
@@ -62,11 +62,13 @@ SLOTS: dict[type, str] = {
 
 
 class WanVideoPipeline:
-    """Wan 2.1 video generation with the seed's (DiffSynth's) call signature.
+    """Wan 2.1 / 2.2 video generation with the seed's (DiffSynth's) call signature.
 
     Networks live in attributes ``dit``, ``vae``, ``text_encoder``, ``image_encoder``,
     ``motion_controller`` and ``prompter`` (tokenizer + text encoder); any may be ``None`` when the
-    loaded model set does not need it.
+    loaded model set does not need it. An expert pair (Wan2.2-A14B) puts the high-noise expert in
+    ``dit`` and the low-noise one in ``dit2``. ``units`` build the DiT inputs, ``step_hooks`` the parts
+    of each denoising step (:mod:`wan_runtime.step`).
     """
 
     def __init__(self, device: str | torch.device = "cuda", torch_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -74,6 +76,7 @@ class WanVideoPipeline:
         self.torch_dtype = resolve_dtype(torch_dtype)
         self.limits = RequestLimits.from_env()  # size caps and memory check, run before any network
         self.dit: wan_models.WanDiT | None = None
+        self.dit2: wan_models.WanDiT | None = None  # the low-noise expert of a pair
         self.vae: WanVAE | None = None
         self.text_encoder: UMT5Encoder | None = None
         self.image_encoder: CLIPVisionTower | None = None
@@ -82,6 +85,7 @@ class WanVideoPipeline:
         self.step_cache_skips: list[list[bool]] | None = None  # per CFG branch, last call with a step cache
         self.scheduler = make_scheduler("euler", shift=5.0)
         self.units: list[Unit] = list(UNITS)
+        self.step_hooks: list[StepHook] = list(DEFAULT_STEP_HOOKS)
         self.sequence_parallel: SequenceParallel | None = None  # set by parallel.enable_usp
         self.vram: VramManager | None = None  # set by enable_vram_management
         self.attention_backend = "sdpa"  # set by from_pretrained through wan_kernels when installed
@@ -89,13 +93,42 @@ class WanVideoPipeline:
     # -- networks ---------------------------------------------------------------------------------
 
     def add_model(self, module: torch.nn.Module) -> None:
-        """Put a loaded network in its slot, chosen by its type (a second DiT is an error)."""
+        """Put a loaded network in its slot, chosen by its type; a second DiT makes an expert pair."""
         name = next((slot for cls, slot in SLOTS.items() if isinstance(module, cls)), None)
         if name is None:
             raise TypeError(f"the pipeline has no slot for a {type(module).__name__}")
+        if name == "dit" and self.dit is not None:
+            self._add_expert(module)
+            return
         if getattr(self, name) is not None:
             raise ValueError(f"two {name} networks given; a pipeline holds one")
         setattr(self, name, module)
+
+    def _add_expert(self, module: wan_models.WanDiT) -> None:
+        """The second DiT of an expert pair: the loader's identity (folder, file name, model_index.json)
+        says which is the high-noise expert; when neither says, the order given decides (logged)."""
+        if self.dit2 is not None:
+            raise ValueError("three DiTs given; a pipeline holds one, or a high-noise and a low-noise expert")
+        first = self.dit
+        if module.config != first.config:
+            raise ValueError(f"two DiTs of different architectures ({first.config.variant}, {module.config.variant}) "
+                             "cannot be the experts of one model")
+        roles = [m.identity.expert if m.identity is not None else None for m in (first, module)]
+        if roles[0] is not None and roles[0] == roles[1]:
+            raise ValueError(f"both DiTs are {roles[0]}-noise experts; load one high-noise and one low-noise expert")
+        if "high" in roles or "low" in roles:
+            high, low = (module, first) if roles[1] == "high" or roles[0] == "low" else (first, module)
+        else:
+            logger.info("nothing says which DiT is the high-noise expert (no high_noise_model/ or low_noise_model/ "
+                        "folder, file name or model_index.json); taking the order given: first high-noise, "
+                        "second low-noise")
+            high, low = first, module
+        self.dit, self.dit2 = high, low
+
+    @property
+    def dits(self) -> list[wan_models.WanDiT]:
+        """The loaded DiTs: ``[dit]``, or ``[dit, dit2]`` for an expert pair."""
+        return [dit for dit in (self.dit, self.dit2) if dit is not None]
 
     @classmethod
     def from_pretrained(
@@ -163,7 +196,8 @@ class WanVideoPipeline:
         """
         if self.dit is None:
             raise ValueError("no DiT is loaded")
-        return quantize_fp8(self.dit, include=include, scaled_mm=scaled_mm)
+        reports = [quantize_fp8(dit, include=include, scaled_mm=scaled_mm) for dit in self.dits]
+        return reports[0] if len(reports) == 1 else reports
 
     def compile(self, mode: str | None = None, dynamic: bool | None = None, fullgraph: bool = False,
                 backend: str = "inductor") -> None:
@@ -181,7 +215,8 @@ class WanVideoPipeline:
         if self.sequence_parallel is not None:
             raise ValueError("compile() does not compose with use_usp=True yet: the sequence-parallel hooks "
                              "swap the attention function inside the blocks")
-        compile_blocks(self.dit, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
+        for dit in self.dits:
+            compile_blocks(dit, mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
 
     def load_lora(self, module: torch.nn.Module, path: LoraSource, alpha: float = 1.0) -> LoraMerge:
         """Merge the LoRA at ``path`` into ``module`` (e.g. ``pipe.dit``) at strength ``alpha``, in place;
@@ -207,7 +242,7 @@ class WanVideoPipeline:
         for name, value in (("vram_limit", vram_limit), ("vram_buffer", vram_buffer)):
             if value is not None:
                 finite_number(name, value, low=0.0)
-        if self.dit is not None and is_compiled(self.dit):
+        if any(is_compiled(dit) for dit in self.dits):
             raise ValueError("enable_vram_management() does not compose with compile(): its hooks swap the "
                              "weights of every layer inside the compiled blocks; use one or the other")
         if self.vram is not None:
@@ -282,26 +317,52 @@ class WanVideoPipeline:
                 caches: list | None = None) -> torch.Tensor:
         """Step the latents through the schedule with classifier-free guidance; returns final latents.
 
+        Each step is composed of the parts ``self.step_hooks`` choose (:mod:`wan_runtime.step`).
         ``caches`` (one per CFG branch, objects with ``run(dit, inputs)``) override the step caches
-        the request asks for.
+        the request asks for (one DiT only).
         """
         self._check_conditioning(cond)
-        if caches is None:
-            caches = self._step_caches(request)
+        self._check_experts(request, caches)
+        plan = plan_steps(self, request, cond)
+        if caches is not None:
+            plan.routes[0].caches = caches
         latents = cond.latents
         for step, t in enumerate(progress_bar_cmd(self.scheduler.timesteps)):
-            # The reference casts the timestep to the pipeline dtype (bf16 runs see rounded timesteps).
-            timestep = t.reshape(1).to(dtype=self.torch_dtype, device=self.device)
-            velocity = self._velocity(request, cond, latents, timestep, caches)
+            route = plan.route(t)
+            velocity = self._velocity(request, cond, latents, plan.timestep(t), route)
             latents = self.scheduler.step(velocity.to(latents.dtype), t, latents)
+            for fix in plan.fixups:
+                latents = fix(latents)
             self._check_step(latents, step, t)
             if step_callback is not None:
                 step_callback(step, t, latents)
-        self.step_cache_skips = None if caches[0] is None else [cache.skipped for cache in caches]
-        if caches[0] is not None:
-            logger.info("%s skipped %s of %d steps (per CFG branch)", type(caches[0]).__name__,
-                        "/".join(str(sum(c.skipped)) for c in caches), len(self.scheduler.timesteps))
+        self._report_caches(plan.routes)
         return latents[:, :, cond.leading_frames_to_drop:]
+
+    def _check_experts(self, request: GenerationRequest, caches: list | None) -> None:
+        """Expert-pair fields need an expert pair: nothing the request asks for is silently ignored."""
+        if self.dit2 is not None:
+            if caches is not None:
+                raise ValueError("caches= overrides the step caches of one DiT; with an expert pair ask for a cache "
+                                 "with step_cache= (each expert gets its own)")
+            return
+        given = [name for name in ("cfg_scale_2", "switch_DiT_boundary") if getattr(request, name) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} set, but the pipeline holds one DiT: they apply to an expert "
+                             "pair (load a high-noise and a low-noise expert)")
+
+    def _report_caches(self, routes: list[Route]) -> None:
+        """Keep and log what the step caches skipped, per CFG branch over all steps."""
+        if routes[0].caches[0] is None:
+            self.step_cache_skips = None
+            return
+        if len(routes) == 1:  # the caches' own lists (a cache shared by both CFG branches: one list, twice)
+            self.step_cache_skips = [cache.skipped for cache in routes[0].caches]
+        else:
+            branches = range(len(routes[0].caches))
+            self.step_cache_skips = [[skip for route in routes for skip in route.caches[b].skipped] for b in branches]
+        logger.info("%s skipped %s of %d steps (per CFG branch)", type(routes[0].caches[0]).__name__,
+                    "/".join(str(sum(s)) for s in self.step_cache_skips), len(self.scheduler.timesteps))
 
     def _check_step(self, latents: torch.Tensor, step: int, t: torch.Tensor) -> None:
         """Stop at the first step whose latents are not finite (one reduction and sync per step)."""
@@ -320,30 +381,28 @@ class WanVideoPipeline:
         if needed and "y" not in cond.shared:
             raise ValueError(f"the loaded {config.variant} DiT is image-conditioned: pass {' and '.join(needed)}")
 
-    def _step_caches(self, request: GenerationRequest) -> list[StepCache | None]:
-        """One step cache per CFG branch from the registry when the request asks for one, else ``None``s
-        (see :mod:`wan_runtime.caching`; with ``cfg_merge`` one cache shared by both branches)."""
-        return make_step_caches(request, len(self.scheduler.timesteps), 2 if request.uses_cfg else 1)
-
     def _velocity(self, request: GenerationRequest, cond: Conditioning, latents: torch.Tensor,
-                  timestep: torch.Tensor, caches: list) -> torch.Tensor:
-        """Guided velocity ``neg + cfg * (pos - neg)``; both branches in one batch with ``cfg_merge``."""
+                  timestep: torch.Tensor, route: Route) -> torch.Tensor:
+        """Guided velocity ``neg + cfg * (pos - neg)`` from the route's DiT and scale; both branches in
+        one batch with ``cfg_merge``."""
+        caches, dit = route.caches, route.dit
         if not request.uses_cfg:
-            return self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
+            return self._predict(request, dit, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
         if request.cfg_merge:
             if caches[0] is not caches[1]:
                 raise ValueError("cfg_merge=True runs both CFG branches as one batch, through one step cache: pass "
                                  "the same cache for both branches, or cfg_merge=False")
             inputs = {k: _repeat_batch(v) for k, v in cond.shared.items()}
             inputs["context"] = torch.cat([cond.positive["context"], cond.negative["context"]])
-            positive, negative = self._predict(request, _repeat_batch(latents), timestep, inputs, caches[0]).chunk(2)
+            positive, negative = self._predict(request, dit, _repeat_batch(latents), timestep, inputs,
+                                               caches[0]).chunk(2)
         else:
-            positive = self._predict(request, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
-            negative = self._predict(request, latents, timestep, {**cond.shared, **cond.negative}, caches[1])
-        return negative + request.cfg_scale * (positive - negative)
+            positive = self._predict(request, dit, latents, timestep, {**cond.shared, **cond.positive}, caches[0])
+            negative = self._predict(request, dit, latents, timestep, {**cond.shared, **cond.negative}, caches[1])
+        return negative + route.cfg_scale * (positive - negative)
 
-    def _predict(self, request, latents, timestep, inputs, cache) -> torch.Tensor:
-        dit = self.dit if self.sequence_parallel is None else self.sequence_parallel.wrap(self.dit)
+    def _predict(self, request, dit, latents, timestep, inputs, cache) -> torch.Tensor:
+        dit = dit if self.sequence_parallel is None else self.sequence_parallel.wrap(dit)
         if request.sliding_window_size is not None:
             return predict_windows(dit, latents, timestep, inputs,
                                    request.sliding_window_size, request.sliding_window_stride)

@@ -49,6 +49,8 @@ class GenerationRequest:
     width: int = 832
     num_frames: int = 81
     cfg_scale: float = 5.0
+    cfg_scale_2: float | None = None  # the low-noise expert's guidance (None: cfg_scale), with pipe.dit2
+    switch_DiT_boundary: float | None = None  # expert switch, fraction of 1000 timesteps (None: 0.875)
     cfg_merge: bool = False
     num_inference_steps: int = 50
     sigma_shift: float = 5.0
@@ -104,6 +106,10 @@ class GenerationRequest:
             positive_int(name)
         for name in ("cfg_scale", "vace_scale", "camera_control_speed"):
             finite_number(name, getattr(self, name))
+        if self.cfg_scale_2 is not None:
+            finite_number("cfg_scale_2", self.cfg_scale_2)
+        if self.switch_DiT_boundary is not None:
+            finite_number("switch_DiT_boundary", self.switch_DiT_boundary, low=0.0, high=1.0)
         finite_number("denoising_strength", self.denoising_strength, low=0.0, high=1.0)
         finite_number("sigma_shift", self.sigma_shift, low=0.0, low_open=True)
         finite_number("mag_cache_retention_ratio", self.mag_cache_retention_ratio, low=0.0, high=1.0)
@@ -161,7 +167,8 @@ class GenerationRequest:
 
     @property
     def uses_cfg(self) -> bool:
-        return self.cfg_scale != 1.0
+        """Whether any step runs the negative branch (an expert pair: either guidance scale)."""
+        return self.cfg_scale != 1.0 or (self.cfg_scale_2 is not None and self.cfg_scale_2 != 1.0)
 
 
 def finite_number(name: str, value: Any, low: float | None = None, high: float | None = None,

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
 # The pipeline's networks, in the order they are managed.
-PIPELINE_NETWORKS = ("text_encoder", "image_encoder", "motion_controller", "vae", "dit")
+PIPELINE_NETWORKS = ("text_encoder", "image_encoder", "motion_controller", "vae", "dit", "dit2")
 
 # The class attributes through which a network declares what its forward does outside its
 # children's calls (documented in :mod:`wan_models.ops`); any module class may set them.
@@ -482,5 +482,5 @@ def manage_pipeline(pipe: "WanVideoPipeline", num_persistent_param_in_dit: int |
     for name in PIPELINE_NETWORKS:
         module = getattr(pipe, name)
         if module is not None:
-            manager.manage(name, module, num_persistent_param_in_dit if name == "dit" else None)
+            manager.manage(name, module, num_persistent_param_in_dit if name in ("dit", "dit2") else None)
     return manager

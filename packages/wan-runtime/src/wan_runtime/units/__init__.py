@@ -32,6 +32,10 @@ class Conditioning:
     positive: dict[str, Any] = field(default_factory=dict)
     negative: dict[str, Any] = field(default_factory=dict)
     leading_frames_to_drop: int = 0  # latent frames to remove before decoding (VACE reference)
+    # Per-token factor on the timestep ([1, L]) for a DiT with per-token timesteps (TI2V: 0 on the image's
+    # tokens), and fix-ups applied to the latents after every solver step (see wan_runtime.step).
+    token_timestep_scale: torch.Tensor | None = None
+    step_fixups: list[Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=list)
 
 
 Unit = Callable[["WanVideoPipeline", "GenerationRequest", Conditioning], None]

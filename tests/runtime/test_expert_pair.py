@@ -1,0 +1,209 @@
+"""Several DiTs and a step composed of parts: the Wan2.2-A14B expert pair switching at a boundary end
+to end (against a loop written out here), roles from folders or from the order given, per-expert step
+caches, per-token timesteps for TI2V, and parts replaced without touching the loop."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
+from wan_runtime import WanVideoPipeline, tiny_release
+from wan_runtime.memory import Accountant
+from wan_runtime.model_config import ModelConfig
+from wan_runtime.request import GenerationRequest
+from wan_runtime.step import StepPlan, expert_part, timestep_part
+
+from factories import one_thread_fixture
+
+one_thread = one_thread_fixture("module")
+SIZE = dict(height=32, width=32, num_frames=5)
+A14B, TI2V = "Wan2.2-T2V-A14B", "Wan2.2-TI2V-5B"
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    tiny_release.write_release(root, A14B)
+    tiny_release.write_release(root, TI2V)
+    return root
+
+
+def load(folder: Path, dits: list[Path], vae: str = VAE_FILE) -> WanVideoPipeline:
+    configs = [ModelConfig(path=str(p)) for p in dits]
+    configs += [ModelConfig(path=str(folder / T5_FILE)), ModelConfig(path=str(folder / vae))]
+    return WanVideoPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+                                            tokenizer_config=ModelConfig(path=str(folder / T5_TOKENIZER)),
+                                            local_model_path=str(folder / "nowhere"), skip_download=True,
+                                            progress_bar_cmd=lambda x: x)
+
+
+@pytest.fixture(scope="module")
+def pair(releases) -> WanVideoPipeline:
+    folder = releases / "Wan-AI" / A14B
+    # Low-noise first: the folders, not the order, decide the roles.
+    return load(folder, [folder / "low_noise_model", folder / "high_noise_model"])
+
+
+def call(pipe: WanVideoPipeline, **kwargs):
+    args = dict(prompt="a red cat", negative_prompt="blurry", seed=3, num_inference_steps=6,
+                progress_bar_cmd=lambda x: x, output_type="latent", **SIZE)
+    return pipe(**{**args, **kwargs})
+
+
+def test_roles_come_from_the_folders(pair) -> None:
+    assert pair.dit.identity.expert == "high" and pair.dit2.identity.expert == "low"
+    assert pair.dits == [pair.dit, pair.dit2]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_experts_switch_at_the_boundary_with_their_own_guidance(pair, sampler: str) -> None:
+    """The loop written out: high-noise expert with cfg_scale while t >= boundary*1000, then the
+    low-noise one with cfg_scale_2, one solver across the switch."""
+    kwargs = dict(sampler=sampler, cfg_scale=4.0, cfg_scale_2=2.5, switch_DiT_boundary=0.6, sigma_shift=3.0)
+    out = call(pair, **kwargs)
+    request = GenerationRequest(prompt="a red cat", negative_prompt="blurry", seed=3, num_inference_steps=6,
+                                **SIZE, **kwargs)
+    cond = pair.prepare(request)
+    latents, used = cond.latents, []
+    with torch.no_grad():
+        for t in pair.scheduler.timesteps:
+            high = float(t) >= 600
+            dit, scale = (pair.dit, 4.0) if high else (pair.dit2, 2.5)
+            used.append("high" if high else "low")
+            timestep = t.reshape(1).float()
+            pos = dit(latents, timestep, **cond.shared, **cond.positive)
+            neg = dit(latents, timestep, **cond.shared, **cond.negative)
+            latents = pair.scheduler.step(neg + scale * (pos - neg), t, latents)
+    assert "high" in used and "low" in used
+    torch.testing.assert_close(out, latents, rtol=0, atol=1e-6)
+    # The switch matters: a pipeline with the low-noise expert everywhere gives something else.
+    assert not torch.allclose(out, call(pair, **{**kwargs, "switch_DiT_boundary": 1.0}), atol=1e-4)
+
+
+def test_each_expert_gets_its_own_step_caches(pair) -> None:
+    call(pair, step_cache="first_block", step_cache_options={"threshold": 10.0}, switch_DiT_boundary=0.6)
+    skips = pair.step_cache_skips
+    assert len(skips) == 2 and all(len(branch) == 6 for branch in skips)
+    high_steps = sum(float(t) >= 600 for t in pair.scheduler.timesteps)
+    for branch in skips:  # each expert computes its first step, then (huge threshold) skips the rest
+        assert branch[0] is False and branch[high_steps] is False
+        assert all(branch[1:high_steps]) and all(branch[high_steps + 1:])
+
+
+def test_expert_fields_need_an_expert_pair(releases) -> None:
+    folder = releases / "Wan-AI" / A14B
+    single = load(folder, [folder / "high_noise_model"])
+    assert single.dit2 is None
+    for field, value in (("cfg_scale_2", 3.0), ("switch_DiT_boundary", 0.9)):
+        with pytest.raises(ValueError, match=f"{field} set, but the pipeline holds one DiT"):
+            call(single, **{field: value})
+    with pytest.raises(ValueError, match="switch_DiT_boundary must be"):
+        GenerationRequest(switch_DiT_boundary=1.5)
+
+
+def test_without_roles_the_order_decides_with_a_log_line(releases, tmp_path, caplog) -> None:
+    folder = releases / "Wan-AI" / A14B
+    for name in ("first", "second"):
+        source = "high_noise_model" if name == "second" else "low_noise_model"
+        shutil.copy(folder / source / "diffusion_pytorch_model.safetensors", tmp_path / f"{name}.safetensors")
+    with caplog.at_level(logging.INFO, logger="wan_runtime.pipeline"):
+        pipe = load(folder, [tmp_path / "first.safetensors", tmp_path / "second.safetensors"])
+    assert "taking the order given: first high-noise" in caplog.text
+    assert pipe.dit.identity.expert is None
+    low_weights = next(iter(load(folder, [folder / "low_noise_model"]).dit.parameters()))
+    assert torch.equal(next(iter(pipe.dit.parameters())), low_weights)  # "first" holds the low-noise weights
+
+
+def test_bad_expert_pairs_are_refused(releases, pair) -> None:
+    folder = releases / "Wan-AI" / A14B
+    with pytest.raises(ValueError, match="both DiTs are high-noise experts"):
+        load(folder, [folder / "high_noise_model", folder / "high_noise_model"])
+    with pytest.raises(ValueError, match="three DiTs given"):
+        pair.add_model(pair.dit)
+    ti2v = load(releases / "Wan-AI" / TI2V, [releases / "Wan-AI" / TI2V], vae=VAE22_FILE)
+    with pytest.raises(ValueError, match=r"different architectures \(wan2.2-t2v, wan2.2-ti2v\)"):
+        pipe = WanVideoPipeline(device="cpu", torch_dtype=torch.float32)
+        pipe.add_model(pair.dit)
+        pipe.add_model(ti2v.dit)
+
+
+class Recorder(Accountant):
+    """Which network's weights come to the compute side, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.networks: list[str] = []
+
+    def add(self, nbytes: int, name: str) -> None:
+        super().add(nbytes, name)
+        self.networks.append(name.split(":", 1)[0])
+
+
+def test_vram_management_with_two_experts_gives_the_same_latents(releases) -> None:
+    folder = releases / "Wan-AI" / A14B
+    pipe = load(folder, [folder / "high_noise_model", folder / "low_noise_model"])
+    plain = call(pipe, switch_DiT_boundary=0.6)
+    pipe.enable_vram_management(num_persistent_param_in_dit=0)
+    assert {"dit", "dit2"} <= set(pipe.vram.networks)
+    torch.testing.assert_close(call(pipe, switch_DiT_boundary=0.6), plain, rtol=0, atol=1e-6)
+    # Everything resident: each expert's weights come over once, at the switch, not every step.
+    recorder = Recorder()
+    pipe.enable_vram_management(accountant=recorder)
+    torch.testing.assert_close(call(pipe, switch_DiT_boundary=0.6), plain, rtol=0, atol=1e-6)
+    runs = [name for i, name in enumerate(recorder.networks) if i == 0 or recorder.networks[i - 1] != name]
+    assert runs.count("dit") == 1 and runs.count("dit2") == 1 and runs.index("dit") < runs.index("dit2")
+
+
+# ---- the step's parts ---------------------------------------------------------------------------
+
+def test_ti2v_gets_per_token_timesteps_and_parts_can_be_replaced(releases) -> None:
+    pipe = load(releases / "Wan-AI" / TI2V, [releases / "Wan-AI" / TI2V], vae=VAE22_FILE)
+    assert pipe.dit.config.per_token_timesteps and pipe.shape_multiples == (32, 4)
+    seen: list[torch.Tensor] = []
+
+    def recording(p, request, cond, plan: StepPlan) -> None:
+        timestep_part(p, request, cond, plan)
+        inner = plan.timestep
+        plan.timestep = lambda t: seen.append(inner(t)) or seen[-1]
+
+    pipe.step_hooks[0] = recording
+    per_token = call(pipe, num_inference_steps=3)
+    tokens = (5 - 1) // 4 + 1  # latent frames x (32 / 16 / 2)^2 tokens per frame
+    assert all(t.shape == (1, tokens) and bool((t == t[0, 0]).all()) for t in seen)
+
+    def scalar(p, request, cond, plan: StepPlan) -> None:  # the Wan 2.1 part: one timestep per video
+        plan.timestep = lambda t: t.reshape(1).float()
+
+    pipe.step_hooks[0] = scalar
+    # Equal timesteps on every token are the scalar path (to float32 rounding of the time MLP).
+    torch.testing.assert_close(call(pipe, num_inference_steps=3), per_token, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fixup_from_a_unit_runs_after_every_step(releases) -> None:
+    pipe = load(releases / "Wan-AI" / TI2V, [releases / "Wan-AI" / TI2V], vae=VAE22_FILE)
+    fixed = torch.randn(1, 48, 1, 2, 2, generator=torch.Generator().manual_seed(9))
+    steps = []
+
+    def frame0(p, request, cond) -> None:
+        def put_back(latents: torch.Tensor) -> torch.Tensor:
+            steps.append(1)
+            return torch.cat([fixed, latents[:, :, 1:]], dim=2)
+        cond.step_fixups.append(put_back)
+
+    pipe.units.append(frame0)
+    out = call(pipe, num_inference_steps=3, num_frames=9)
+    assert len(steps) == 3 and torch.equal(out[:, :, :1], fixed)
+
+
+def test_a_plan_without_a_route_is_a_clear_error(pair) -> None:
+    pair.step_hooks.remove(expert_part)
+    try:
+        with pytest.raises(ValueError, match="set no route part"):
+            call(pair)
+    finally:
+        pair.step_hooks.insert(1, expert_part)
