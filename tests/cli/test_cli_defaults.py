@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -24,22 +23,6 @@ from wan_runtime import WanVideoPipeline, tiny_release, video_io
 
 T2V = "Wan-AI/Wan2.1-T2V-1.3B"
 
-
-@pytest.fixture
-def wan(capsys, monkeypatch):
-    """``wan ARGS`` through the real ``main()``; returns the exit code, stdout and stderr."""
-    from wan_cli.main import main
-
-    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own SIGTERM handling
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, exit_.value.code, out, err)
-
-    return run
 
 
 class StandInPipeline:
@@ -272,3 +255,9 @@ def test_models_sees_files_under_the_hub_id(wan, tmp_path) -> None:
     rows = {line.split()[0]: line for line in result.stdout.splitlines()[1:] if line.startswith("Wan")}
     assert "+diffusion_pytorch_model*.safetensors" in rows[fun] and "+google/umt5-xxl/" in rows[fun]
     assert "-diffusion_pytorch_model*.safetensors" in rows["Wan2.1-Fun-14B-InP"]  # under neither id
+
+
+@pytest.fixture
+def wan(wan_main):
+    """``wan ARGS`` in this process (the shared ``wan_main`` fixture)."""
+    return wan_main

@@ -35,23 +35,6 @@ def wan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*WAN, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-@pytest.fixture
-def wan_main(capsys, monkeypatch):
-    """``wan ARGS`` through the real ``main()`` in this process (no interpreter start-up): for errors
-    raised before anything loads. Returns ``(exit code, stderr)``; the SIGTERM handler main installs
-    is put back afterwards."""
-    from wan_cli.main import main
-
-    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own SIGTERM handling
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, exit_.value.code, out, err)
-
-    return run
 
 
 def one_error_line(result: subprocess.CompletedProcess, prefix: str) -> str:
