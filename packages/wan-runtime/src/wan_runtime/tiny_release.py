@@ -154,20 +154,16 @@ def write_t5(path: Path, config: T5Config = TINY_T5, seed: int = 0) -> Path:
 
 
 def write_vae(path: Path, config: VAEConfig = TINY_VAE, seed: int = 0) -> Path:
-    """``Wan2.1_VAE.pth`` (float32)."""
-    if config.z_dim != 16:
-        raise ValueError(f"the tiny VAE must keep z_dim=16 (the DiT's latent channels), got {config.z_dim}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(random_state_dict(_meta(WanVAE, config), _model_seed(seed, VAE_FILE)), path)
-    return path
+    """``Wan2.1_VAE.pth`` (float32), or ``Wan2.2_VAE.pth`` for a :class:`VAE22Config` (TI2V-5B's VAE).
 
-
-def write_vae22(path: Path, config: VAE22Config = TINY_VAE22, seed: int = 0) -> Path:
-    """``Wan2.2_VAE.pth`` (float32), the TI2V-5B VAE."""
-    if config.z_dim != 48:
-        raise ValueError(f"the tiny Wan 2.2 VAE must keep z_dim=48 (the TI2V DiT's channels), got {config.z_dim}")
+    Each keeps the released latent channels (16, 48): the DiTs' channels and latent statistics depend on them.
+    """
+    wan22 = isinstance(config, VAE22Config)
+    module_class, name, z_dim = (WanVAE22, VAE22_FILE, 48) if wan22 else (WanVAE, VAE_FILE, 16)
+    if config.z_dim != z_dim:
+        raise ValueError(f"the tiny {name} must keep z_dim={z_dim} (the DiT's latent channels), got {config.z_dim}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(random_state_dict(_meta(WanVAE22, config), _model_seed(seed, VAE22_FILE)), path)
+    torch.save(random_state_dict(_meta(module_class, config), _model_seed(seed, name)), path)
     return path
 
 
@@ -262,7 +258,7 @@ def write_release(root: str | Path, model: str = "Wan2.1-T2V-1.3B", dit_config: 
         write_dit(folder, dit_config, _model_seed(seed, model), shards)
     write_t5(folder / T5_FILE, t5_config, seed)
     if spec.vae_file == VAE22_FILE:
-        write_vae22(folder / VAE22_FILE, seed=seed)
+        write_vae(folder / VAE22_FILE, TINY_VAE22, seed)
     else:
         write_vae(folder / VAE_FILE, vae_config, seed)
     write_tokenizer(folder / T5_TOKENIZER, seed=seed)
