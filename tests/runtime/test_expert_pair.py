@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
 from wan_runtime import WanVideoPipeline, tiny_release
@@ -207,3 +208,24 @@ def test_a_plan_without_a_route_is_a_clear_error(pair) -> None:
             call(pair)
     finally:
         pair.step_hooks.insert(1, expert_part)
+
+
+def test_a_lora_merges_into_one_expert_only(releases, tmp_path) -> None:
+    folder = releases / "Wan-AI" / A14B
+    pipe = load(folder, [folder / "high_noise_model", folder / "low_noise_model"])
+    before = call(pipe, switch_DiT_boundary=0.6)
+    high_weights = {k: v.clone() for k, v in pipe.dit.state_dict().items()}
+    q = pipe.dit2.blocks[0].self_attn.q.weight
+    gen = torch.Generator().manual_seed(4)
+    lora = {"blocks.0.self_attn.q.lora_A.weight": torch.randn(2, q.shape[1], generator=gen),
+            "blocks.0.self_attn.q.lora_B.weight": torch.randn(q.shape[0], 2, generator=gen)}
+    path = tmp_path / "low_noise_lora.safetensors"
+    save_file(lora, path)
+    expected = q + lora["blocks.0.self_attn.q.lora_B.weight"] @ lora["blocks.0.self_attn.q.lora_A.weight"]
+    merge = pipe.load_lora(pipe.dit2, path)
+    torch.testing.assert_close(pipe.dit2.blocks[0].self_attn.q.weight, expected)
+    assert all(torch.equal(v, high_weights[k]) for k, v in pipe.dit.state_dict().items())
+    assert not torch.allclose(call(pipe, switch_DiT_boundary=0.6), before, atol=1e-4)
+    # Unloaded: the result before, to float32 rounding of the merge's add and subtract.
+    pipe.unload_lora(merge)
+    torch.testing.assert_close(call(pipe, switch_DiT_boundary=0.6), before, rtol=1e-4, atol=1e-5)
