@@ -20,6 +20,7 @@ from wan_models.vae import WanVAE
 
 from .acceleration import enable_kernels, optimize_for_cpu, quantize_fp8
 from .compile import compile_blocks, is_compiled
+from .defaults import model_defaults
 from .denoise import predict, predict_windows
 from .devices import resolve_device, resolve_dtype
 from .finite import NonFiniteError, check_finite, check_finite_tensors
@@ -430,7 +431,8 @@ class WanVideoPipeline:
         step_callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
         **kwargs: Any,
     ) -> list[Image.Image] | torch.Tensor:
-        """Generate a video; keyword arguments are those of :class:`GenerationRequest`.
+        """Generate a video; keyword arguments are those of :class:`GenerationRequest` (for a Wan 2.2
+        model, those left out come from its registry entry: :mod:`wan_runtime.defaults`).
 
         Returns PIL frames, or the final latents with ``output_type="latent"``. ``prompt_embeds``
         stand in for the text encoder; ``step_callback(step, timestep, latents)`` sees every step.
@@ -441,6 +443,7 @@ class WanVideoPipeline:
         if unknown:
             raise TypeError(f"unknown arguments {sorted(unknown)}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        kwargs = {**model_defaults(self, kwargs), **kwargs}  # a Wan 2.2 model's registry settings
         request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra,
                                     shape_multiples=self.shape_multiples, **kwargs)
         if output_type == "pil" and self.vae is None:
