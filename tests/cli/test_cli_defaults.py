@@ -94,10 +94,11 @@ def test_registry_entries_give_the_flags_defaults(name, expected) -> None:
     assert settings == expected and entry == name and source.startswith(f"the registry entry {name}")
 
 
-def test_the_official_dpm_solver_is_spelled_as_the_flag() -> None:
-    sampling = Sampling(frames=81, fps=16, sizes=((480, 832),), steps=50, shift=5.0, guidance=5.0,
-                        samplers=("dpm++", "unipc"))
-    assert gen.registry_settings(sampling).sampler == "dpmpp"
+def test_registry_samplers_are_the_flag_spellings() -> None:
+    import wan_models
+
+    samplers = {name for spec in wan_models.MODELS.values() if spec.sampling for name in spec.sampling.samplers}
+    assert samplers <= set(gen.SAMPLERS)
 
 
 def test_a_registry_model_runs_at_its_settings_and_says_so(generated) -> None:

@@ -51,8 +51,9 @@ def pair(releases) -> WanVideoPipeline:
 
 
 def call(pipe: WanVideoPipeline, **kwargs):
-    args = dict(prompt="a red cat", negative_prompt="blurry", seed=3, num_inference_steps=6,
-                progress_bar_cmd=lambda x: x, output_type="latent", **SIZE)
+    # Explicit settings: what a Wan 2.2 pipeline would otherwise take from the registry (test_model_defaults.py).
+    args = dict(prompt="a red cat", negative_prompt="blurry", seed=3, num_inference_steps=6, sampler="euler",
+                sigma_shift=5.0, cfg_scale=5.0, progress_bar_cmd=lambda x: x, output_type="latent", **SIZE)
     return pipe(**{**args, **kwargs})
 
 

@@ -15,7 +15,6 @@ from .options import DTYPES, default_device, finite, key_values, load_config, to
 
 CAMERA_DIRECTIONS = ("Left", "Right", "Up", "Down", "LeftUp", "LeftDown", "RightUp", "RightDown")
 SAMPLERS = ("euler", "unipc", "dpmpp")
-SAMPLER_SPELLINGS = {"dpm++": "dpmpp"}  # the registry's (official) solver names -> --sampler's
 REGISTRY_DEFAULT = "default: the model's registry settings"
 
 
@@ -47,7 +46,7 @@ def registry_settings(sampling: Any) -> Settings:
     (low-noise, high-noise) guidance, the high-noise scale (``--cfg-scale`` is one number)."""
     height, width = sampling.sizes[0]
     guidance = sampling.guidance[1] if isinstance(sampling.guidance, tuple) else sampling.guidance
-    sampler = SAMPLER_SPELLINGS.get(sampling.default_sampler, sampling.default_sampler)
+    sampler = sampling.default_sampler
     return Settings(height, width, sampling.frames, sampling.fps, sampling.steps, sampling.shift, guidance, sampler)
 
 
@@ -183,7 +182,7 @@ def generate(
     sigma_shift: Optional[float] = typer.Option(None, "--sigma-shift", callback=finite,
                                                 help=f"Schedule time shift, > 0 ({REGISTRY_DEFAULT})."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help=f"One of {', '.join(SAMPLERS)} "
-                                          f"({REGISTRY_DEFAULT}; the official dpm++ is dpmpp)."),
+                                          f"({REGISTRY_DEFAULT}; dpmpp is the official DPM++)."),
     motion_bucket_id: Optional[int] = typer.Option(None, "--motion-bucket-id", min=0,
                                                    help="Speed control (with the speedcontrol model)."),
     tiled: bool = typer.Option(True, "--tiled/--no-tiled", help="Tiled VAE encode/decode (less memory)."),

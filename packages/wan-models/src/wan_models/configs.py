@@ -40,7 +40,7 @@ class Sampling:
     shift: float
     guidance: float | tuple[float, float]
     boundary: float | None = None
-    samplers: tuple[str, ...] = ("unipc", "dpm++")
+    samplers: tuple[str, ...] = ("unipc", "dpmpp")
 
     @property
     def default_sampler(self) -> str:
