@@ -87,7 +87,7 @@ def test_every_dit_entry_has_sampling_settings() -> None:
 @pytest.mark.parametrize("name, expected", [
     ("Wan2.1-T2V-14B", gen.Settings(720, 1280, 81, 16, 50, 5.0, 5.0, "unipc")),
     ("Wan2.1-Fun-1.3B-Control", gen.Settings(480, 832, 81, 15, 50, 5.0, 5.0, "euler")),
-    ("Wan2.2-T2V-A14B", gen.Settings(480, 832, 81, 16, 40, 12.0, 4.0, "unipc")),  # the high-noise guidance
+    ("Wan2.2-T2V-A14B", gen.Settings(480, 832, 81, 16, 40, 12.0, 4.0, "unipc", 3.0, 0.875)),  # (high, low) guidance
 ])
 def test_registry_entries_give_the_flags_defaults(name, expected) -> None:
     settings, source, entry = gen.default_settings(name)
@@ -124,11 +124,18 @@ def test_flags_and_config_files_override_the_registry(generated, tmp_path) -> No
     assert line.endswith("; from the command line: --height, --fps, --steps, --sigma-shift, --cfg-scale, --sampler")
 
 
-def test_an_expert_pair_uses_its_high_noise_guidance(generated) -> None:
+def test_an_expert_pair_gets_its_guidance_pair_and_boundary(generated) -> None:
     result, request, _ = generated("-m", "Wan2.2-T2V-A14B", "--frames", "5")
     assert result.returncode == 0, result.stderr
-    assert (request.cfg_scale, request.sigma_shift, request.num_inference_steps) == (4.0, 12.0, 40)
-    assert "guidance (low, high) = (3.0, 4.0)" in settings_line(result)
+    assert (request.cfg_scale, request.cfg_scale_2, request.switch_DiT_boundary) == (4.0, 3.0, 0.875)
+    assert (request.sigma_shift, request.num_inference_steps) == (12.0, 40)
+    assert "cfg 4.0, low-noise cfg 3.0, boundary 0.875" in settings_line(result)
+    # One --cfg-scale serves both experts; --cfg-scale-2 and --switch-boundary set the others.
+    result, request, _ = generated("-m", "Wan2.2-T2V-A14B", "--frames", "5", "--cfg-scale", "2")
+    assert (request.cfg_scale, request.cfg_scale_2) == (2.0, 2.0)
+    result, request, _ = generated("-m", "Wan2.2-T2V-A14B", "--frames", "5", "--cfg-scale-2", "1.5",
+                                   "--switch-boundary", "0.5")
+    assert (request.cfg_scale, request.cfg_scale_2, request.switch_DiT_boundary) == (4.0, 1.5, 0.5)
 
 
 def test_the_embedded_model_keeps_its_own_settings(generated) -> None:

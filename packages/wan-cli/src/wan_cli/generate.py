@@ -30,10 +30,15 @@ class Settings:
     sigma_shift: float
     cfg_scale: float
     sampler: str
+    cfg_scale_2: Optional[float] = None  # an expert pair's low-noise guidance
+    switch_boundary: Optional[float] = None  # an expert pair's switch (fraction of 1000 timesteps)
 
     def describe(self) -> str:
+        experts = ("" if self.switch_boundary is None else
+                   f", low-noise cfg {float(self.cfg_scale if self.cfg_scale_2 is None else self.cfg_scale_2)}, "
+                   f"boundary {self.switch_boundary}")
         return (f"{self.width}x{self.height}, {self.frames} frames @ {self.fps} fps, {self.steps} steps, "
-                f"shift {float(self.sigma_shift)}, cfg {float(self.cfg_scale)}, {self.sampler}")
+                f"shift {float(self.sigma_shift)}, cfg {float(self.cfg_scale)}{experts}, {self.sampler}")
 
 
 # A folder that matches no registry entry: DiffSynth-Studio's pipeline defaults, 15 fps as its examples.
@@ -42,12 +47,13 @@ FALLBACK_SETTINGS = Settings(height=480, width=832, frames=81, fps=15, steps=50,
 
 
 def registry_settings(sampling: Any) -> Settings:
-    """A ``wan_models.configs.Sampling`` as flag values: its first size and sampler; for an expert pair's
-    (low-noise, high-noise) guidance, the high-noise scale (``--cfg-scale`` is one number)."""
+    """A ``wan_models.configs.Sampling`` as flag values: its first size and sampler; an expert pair's
+    (low-noise, high-noise) guidance as --cfg-scale (high) and --cfg-scale-2 (low), and its boundary."""
     height, width = sampling.sizes[0]
-    guidance = sampling.guidance[1] if isinstance(sampling.guidance, tuple) else sampling.guidance
-    sampler = sampling.default_sampler
-    return Settings(height, width, sampling.frames, sampling.fps, sampling.steps, sampling.shift, guidance, sampler)
+    pair = isinstance(sampling.guidance, tuple)
+    guidance, low = (sampling.guidance[1], sampling.guidance[0]) if pair else (sampling.guidance, None)
+    return Settings(height, width, sampling.frames, sampling.fps, sampling.steps, sampling.shift, guidance,
+                    sampling.default_sampler, low, sampling.boundary if pair else None)
 
 
 def folder_entry(folder: Path) -> tuple[Optional[str], list[str]]:
@@ -99,8 +105,6 @@ def default_settings(model: Optional[str]) -> tuple[Settings, str, Optional[str]
     sampling = wan_models.MODELS[entry].sampling
     if sampling is None:
         return FALLBACK_SETTINGS, f"the defaults ({entry} has no registry settings)", entry
-    if isinstance(sampling.guidance, tuple):
-        source += f" (guidance (low, high) = {sampling.guidance}; one --cfg-scale serves both experts)"
     return registry_settings(sampling), source, entry
 
 
@@ -176,9 +180,14 @@ def generate(
                                          f"({REGISTRY_DEFAULT})."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help=f"Denoising steps ({REGISTRY_DEFAULT})."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", callback=finite, min=0.0,
-                                              help=f"Classifier-free guidance, 1 = off ({REGISTRY_DEFAULT}; "
-                                                   "an expert pair's are (low-noise, high-noise): the high-noise one, "
-                                                   "for both)."),
+                                              help=f"Classifier-free guidance, 1 = off ({REGISTRY_DEFAULT}); "
+                                                   "for an expert pair the high-noise expert's, and the low-noise "
+                                                   "one's too unless --cfg-scale-2 is given."),
+    cfg_scale_2: Optional[float] = typer.Option(None, "--cfg-scale-2", callback=finite, min=0.0,
+                                                help=f"The low-noise expert's guidance (Wan2.2-A14B; {REGISTRY_DEFAULT})."),
+    switch_boundary: Optional[float] = typer.Option(None, "--switch-boundary", callback=finite, min=0.0, max=1.0,
+                                                    help="Where the high-noise expert hands over, as a fraction of "
+                                                         f"1000 timesteps (Wan2.2-A14B; {REGISTRY_DEFAULT})."),
     sigma_shift: Optional[float] = typer.Option(None, "--sigma-shift", callback=finite,
                                                 help=f"Schedule time shift, > 0 ({REGISTRY_DEFAULT})."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help=f"One of {', '.join(SAMPLERS)} "
@@ -227,7 +236,9 @@ def generate(
 
         model = str(default_model_dir())
     given = dict(height=height, width=width, frames=frames, fps=fps, steps=steps, sigma_shift=sigma_shift,
-                 cfg_scale=cfg_scale, sampler=sampler)
+                 cfg_scale=cfg_scale, sampler=sampler, cfg_scale_2=cfg_scale_2, switch_boundary=switch_boundary)
+    if cfg_scale is not None and cfg_scale_2 is None:  # one --cfg-scale serves both experts
+        given["cfg_scale_2"] = cfg_scale if defaults.switch_boundary is not None else None
     settings = dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
     height, width, frames, fps, steps = settings.height, settings.width, settings.frames, settings.fps, settings.steps
     sigma_shift, cfg_scale, sampler = settings.sigma_shift, settings.cfg_scale, settings.sampler
@@ -294,6 +305,7 @@ def generate(
             prompt=prompt, negative_prompt=negative_prompt, denoising_strength=denoising_strength,
             camera_control_direction=camera_direction, camera_control_speed=camera_speed, vace_scale=vace_scale,
             seed=seed, height=height, width=width, num_frames=frames, cfg_scale=cfg_scale,
+            cfg_scale_2=settings.cfg_scale_2, switch_DiT_boundary=settings.switch_boundary,
             num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, motion_bucket_id=motion_bucket_id,
             tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride,
             tea_cache_l1_thresh=teacache, tea_cache_model_id=teacache_model or "", step_cache=step_cache,

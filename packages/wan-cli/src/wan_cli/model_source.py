@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import wan_models
-from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
+from wan_models.configs import CLIP_FILE, DIT_FILES, EXPERT_FOLDERS, T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
 from wan_runtime import hubs
 from wan_runtime.model_config import ModelConfig
 
-NETWORK_PATTERNS = (DIT_FILES, T5_FILE, VAE_FILE, CLIP_FILE, "model.safetensors")
+# Expert DiTs high-noise first; each DiT's config.json travels with it (the loader reads it from beside the files).
+NETWORK_PATTERNS = (DIT_FILES, *(folder + DIT_FILES for folder in EXPERT_FOLDERS), T5_FILE, VAE_FILE, VAE22_FILE,
+                    CLIP_FILE, "model.safetensors")
 
 
 @dataclass
@@ -29,7 +31,14 @@ def registry_source(name: str, source: str | None = None) -> ModelSource:
 
     def configs_of(spec: wan_models.ModelSpec, patterns: tuple[str, ...]) -> list[ModelConfig]:
         repo = spec.hf_id if hub == hubs.HUGGINGFACE else spec.model_id
-        return [ModelConfig(model_id=repo, origin_file_pattern=p, download_resource=hub) for p in patterns]
+        configs = []
+        for pattern in patterns:
+            if pattern.endswith("config.json"):  # fetched with the DiT beside it
+                continue
+            sibling = pattern.rsplit("/", 1)[0] + "/config.json" if "/" in pattern else "config.json"
+            wanted = [pattern, sibling] if pattern.endswith(DIT_FILES) and sibling in patterns else pattern
+            configs.append(ModelConfig(model_id=repo, origin_file_pattern=wanted, download_resource=hub))
+        return configs
 
     spec = wan_models.get_model_spec(name)
     configs = configs_of(spec, tuple(p for p in spec.files if not p.endswith("/")))

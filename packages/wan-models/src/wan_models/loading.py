@@ -39,10 +39,15 @@ class NonFiniteWeights(CheckpointError):
 
 
 def checkpoint_files(path_or_paths: PathLike | Sequence[PathLike]) -> list[Path]:
-    """The files of one checkpoint: a file, a list of shards, or a folder of ``*.safetensors`` shards."""
+    """The files of one checkpoint: a file, a list of shards, or a folder of ``*.safetensors`` shards.
+
+    A ``config.json`` listed among the shards is left out: it is read from beside them anyway.
+    """
     paths = [Path(p) for p in ([path_or_paths] if isinstance(path_or_paths, (str, Path)) else path_or_paths)]
+    listed = paths
+    paths = [p for p in paths if p.name != config_json.NAME] if len(paths) > 1 else paths
     if not paths:
-        raise CheckpointError("no checkpoint file given")
+        raise CheckpointError("no checkpoint file given" + (f" (only {listed[0]})" if listed else ""))
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
