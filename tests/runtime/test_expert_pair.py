@@ -230,3 +230,14 @@ def test_a_lora_merges_into_one_expert_only(releases, tmp_path) -> None:
     # Unloaded: the result before, to float32 rounding of the merge's add and subtract.
     pipe.unload_lora(merge)
     torch.testing.assert_close(call(pipe, switch_DiT_boundary=0.6), before, rtol=1e-4, atol=1e-5)
+
+
+def test_ti2v_initial_noise_is_diffsynths(releases) -> None:
+    """DiffSynth draws ``randn((1, z_dim, (T-1)/4+1, H/16, W/16))`` from ``Generator(rand_device).manual_seed``
+    for the 48-channel Wan2.2-VAE latents; the same seed gives the same noise here."""
+    pipe = load(releases / "Wan-AI" / TI2V, [releases / "Wan-AI" / TI2V], vae=VAE22_FILE)
+    request = GenerationRequest(prompt="a cat", seed=11, height=64, width=96, num_frames=9,
+                                shape_multiples=pipe.shape_multiples)
+    cond = pipe.prepare(request)
+    expected = torch.randn((1, 48, 3, 4, 6), generator=torch.Generator("cpu").manual_seed(11))
+    assert torch.equal(cond.noise, expected)
