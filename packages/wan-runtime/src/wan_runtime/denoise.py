@@ -39,9 +39,15 @@ def predict_windows(dit, latents: torch.Tensor, timestep: torch.Tensor, inputs: 
     """Run the DiT over overlapping windows of ``size`` latent frames and blend them linearly.
 
     Windows start every ``stride`` frames; the last one is clipped at the end, and a window that
-    would only repeat frames the previous one already covered is skipped.
+    would only repeat frames the previous one already covered is skipped. A per-token timestep
+    ``[1, L]`` (frame-major tokens) is cut to each window's frames.
     """
     frames = latents.shape[2]
+    per_token = timestep.dim() == 2
+    if per_token and timestep.shape[1] % frames:
+        raise ValueError(f"per-token timestep of {timestep.shape[1]} tokens does not split into the "
+                         f"{frames} latent frames of the sliding windows")
+    frame_tokens = timestep.shape[-1] // frames
     value = torch.zeros(latents.shape, dtype=torch.float32, device=latents.device)
     weight = torch.zeros(1, 1, frames, 1, 1, device=latents.device)
     for start in range(0, frames, stride):
@@ -50,7 +56,8 @@ def predict_windows(dit, latents: torch.Tensor, timestep: torch.Tensor, inputs: 
         end = min(start + size, frames)
         window = {k: (v[:, :, start:end] if k in FRAME_INPUTS and isinstance(v, torch.Tensor) else v)
                   for k, v in inputs.items()}
-        out = dit(latents[:, :, start:end], timestep, **window).float()
+        window_t = timestep[:, start * frame_tokens:end * frame_tokens] if per_token else timestep
+        out = dit(latents[:, :, start:end], window_t, **window).float()
         ramp = _ramp(end - start, size - stride, start == 0, end == frames).to(latents.device)
         value[:, :, start:end] += out * ramp.view(1, 1, -1, 1, 1)
         weight[:, :, start:end] += ramp.view(1, 1, -1, 1, 1)

@@ -32,7 +32,7 @@ from .parallel import SequenceParallel, enable_usp, init_process_group
 from .request import GenerationRequest, finite_number
 from .schedulers import make_scheduler
 from .step import DEFAULT_STEP_HOOKS, Route, StepHook, plan_steps
-from .units import Conditioning, Unit, camera, control, image, noise, prompt, required_inputs, speed, vace
+from .units import Conditioning, Unit, camera, control, fused_image, image, noise, prompt, required_inputs, speed, vace
 
 if TYPE_CHECKING:
     from .model_config import ModelConfig
@@ -45,6 +45,7 @@ UNITS: list[Unit] = [
     noise.input_video,
     prompt.prompt,
     image.image,
+    fused_image.fused_image,
     control.control_video,
     control.reference_image,
     camera.camera_control,

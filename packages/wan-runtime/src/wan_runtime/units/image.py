@@ -1,4 +1,4 @@
-"""Image conditioning (I2V, first+last frame FLF2V, PAI Fun InP): ``y`` and ``clip_feature``.
+"""Image conditioning (I2V, first+last frame FLF2V, PAI Fun InP, Wan2.2-I2V-A14B): ``y`` and ``clip_feature``.
 
 ``y`` is a 4-channel frame mask followed by the VAE latents of the video ``[image, grey...(, end_image)]``;
 ``clip_feature`` holds the CLIP features of the first image (and of the last one for FLF2V). The
@@ -84,19 +84,24 @@ def frame_mask(num_frames: int, has_end: bool, height: int, width: int) -> torch
 
 
 def image(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning) -> None:
-    """``y`` and ``clip_feature`` from ``input_image`` (and ``end_image``) for image-input DiTs.
+    """``y`` from ``input_image`` (and ``end_image``) for DiTs whose ``y`` holds image latents, and
+    ``clip_feature`` for those with the CLIP branch (the Wan 2.2 I2V-A14B experts take ``y`` only).
 
-    Control-Camera DiTs get only ``clip_feature`` here: their ``y`` comes from the camera unit.
+    Control-Camera DiTs get only ``clip_feature`` here: their ``y`` comes from the camera unit. TI2V
+    (image latents fused into the noise) is the fused_image unit's.
     """
     if request.input_image is None:
         if request.end_image is not None:
             raise ValueError("end_image needs input_image: first+last frame generation takes both")
         return
     config = pipe.dit.config
-    if not config.image_input:
+    if config.fuses_image_latents:
+        return
+    if not config.image_input and config.conditioning != "image":
         given = "input_image and end_image" if request.end_image is not None else "input_image"
         raise ValueError(f"{given} given, but the loaded {config.variant} DiT has no image input; load an "
-                         "image model (Wan2.1-I2V / FLF2V, PAI Fun InP / Control / Control-Camera)")
+                         "image model (Wan2.1-I2V / FLF2V, Wan2.2-I2V-A14B or TI2V-5B, PAI Fun InP / Control / "
+                         "Control-Camera)")
     camera_model = config.camera_in_dim is not None
     if camera_model and request.end_image is not None:
         raise ValueError("end_image is not supported by Control-Camera DiTs, which take input_image only")
@@ -105,16 +110,20 @@ def image(pipe: WanVideoPipeline, request: GenerationRequest, cond: Conditioning
                          "input_image")
     if request.end_image is not None and request.num_frames < 2:
         raise ValueError("end_image needs num_frames >= 5: with one frame the first and last frame coincide")
+    if request.end_image is not None and config.family == "wan2.2":
+        logger.info("end_image on the %s DiT: the last frame goes into y as DiffSynth-Studio does; the official "
+                    "Wan2.2 code has no last-frame input for this model", config.variant)
     first = image_pixels(pipe, request, request.input_image, "input_image")
     end = None if request.end_image is None else image_pixels(pipe, request, request.end_image, "end_image")
-    features = clip_features(pipe, first, "input_image")
-    if end is not None and config.image_pos_emb:
-        features = torch.cat([features, clip_features(pipe, end, "end_image")], dim=1)
-    cond.shared["clip_feature"] = features
+    if config.image_input:
+        features = clip_features(pipe, first, "input_image")
+        if end is not None and config.image_pos_emb:
+            features = torch.cat([features, clip_features(pipe, end, "end_image")], dim=1)
+        cond.shared["clip_feature"] = features
     if not camera_model:
         cond.shared["y"] = _image_y(pipe, request, first, end)
-    logger.debug("image conditioning: clip_feature %s, y %s", tuple(features.shape),
-                 tuple(cond.shared["y"].shape) if "y" in cond.shared else None)
+    logger.debug("image conditioning: clip_feature %s, y %s",
+                 *(tuple(cond.shared[k].shape) if k in cond.shared else None for k in ("clip_feature", "y")))
 
 
 def _image_y(pipe: WanVideoPipeline, request: GenerationRequest, first: torch.Tensor,
