@@ -35,7 +35,8 @@ cuda_tests() {
 }
 
 # One step per line: name, timeout (s), key-number pattern (grep -E on the log), command ($PY is the
-# interpreter). Sizes: the scripts' GPU defaults (1.3B, 480x832, 81 frames, bf16), fewer rounds.
+# interpreter). Sizes: the scripts' GPU defaults (1.3B, 480x832, 81 frames, bf16), fewer rounds; TI2V-5B at its
+# 720P default (704x1280, 121 frames); the A14B pair at 480x832 with 21 frames under a 24 GB limit.
 STEPS=(
   "cuda-tests|150|(passed|failed|error)|\$PY -m pytest -q -p no:cacheprovider $(cuda_tests)"
   "pipeline-step|90|^ *[0-9.]+ +[0-9.]+ +[0-9.]+|^50 steps|\$PY benchmarks/pipeline.py --steps 3"
@@ -44,6 +45,8 @@ STEPS=(
   "offload|90|^(no offload|full offload \+ prefetch|fp8 storage, full offload \+ prefetch)|\$PY benchmarks/offload.py --repeats 2"
   "kernels-fp8|60|(rms_norm .*triton|fp8 )|\$PY benchmarks/kernels.py --repeats 10 --warmup 2"
   "attention|60|^1\.3B +480P|\$PY benchmarks/attention.py --repeats 3 --warmup 1"
+  "pipeline-ti2v|90|^ *[0-9.]+ +[0-9.]+ +[0-9.]+|^50 steps|\$PY benchmarks/pipeline.py --model Wan2.2-TI2V-5B --steps 2"
+  "experts|150|^(before|after) switch|^switch|\$PY benchmarks/experts.py --frames 21 --steps 6 --vram-limit 24"
   "compile|150|^ *[0-9.]+ +[0-9.]+ +[0-9.]+|\$PY benchmarks/compile.py --rounds 2"
 )
 

@@ -97,8 +97,9 @@ def expert_part(pipe: WanVideoPipeline, request: GenerationRequest, cond: Condit
     boundary = DEFAULT_BOUNDARY if request.switch_DiT_boundary is None else request.switch_DiT_boundary
     switch = ExpertSwitch(boundary, (low_cfg, request.cfg_scale))
     high_steps = sum(switch.expert(t) == HIGH for t in timesteps)
-    high = Route("dit", pipe.dit, request.cfg_scale, make_step_caches(request, high_steps, branches))
-    low = Route("dit2", pipe.dit2, low_cfg, make_step_caches(request, len(timesteps) - high_steps, branches))
+    high = Route("dit", pipe.dit, request.cfg_scale, make_step_caches(request, high_steps, branches, expert="dit"))
+    low = Route("dit2", pipe.dit2, low_cfg,
+                make_step_caches(request, len(timesteps) - high_steps, branches, expert="dit2"))
     logger.info("experts: high-noise for %d steps (t >= %.0f), low-noise for %d", high_steps,
                 switch.boundary * switch.num_train_timesteps, len(timesteps) - high_steps)
     plan.route, plan.routes = (lambda t: high if switch.expert(t) == HIGH else low), [high, low]

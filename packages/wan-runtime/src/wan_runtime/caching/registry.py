@@ -3,7 +3,9 @@
 A cache module registers itself once (:func:`register_step_cache`) with its name, the options it
 accepts (and their defaults) and a factory; a request picks it with ``step_cache="name"`` and
 ``step_cache_options={...}``. Older request fields (``tea_cache_l1_thresh``, ``mag_cache_*``) map
-onto the same registry through ``fields``. See docs/step_caches.md.
+onto the same registry through ``fields``. With an expert pair (Wan2.2-A14B) each expert's route gets
+its own caches; a factory registered with ``experts=True`` is told which expert it builds for.
+See docs/step_caches.md.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class StepCache(Protocol):
         ...
 
 
-# (options with every default filled in, number of steps, CFG branch index) -> one cache.
-StepCacheFactory = Callable[[dict[str, Any], int, int], StepCache]
+# (options with every default filled in, number of steps, CFG branch index) -> one cache; a factory
+# registered with experts=True also gets expert= (None: the pipeline's one DiT; "dit"/"dit2": that expert).
+StepCacheFactory = Callable[..., StepCache]
 
 
 @dataclass(frozen=True)
@@ -48,15 +51,17 @@ class StepCacheEntry:
     factory: StepCacheFactory
     options: Mapping[str, Any] = field(default_factory=dict)
     fields: Mapping[str, str] = field(default_factory=dict)  # request field -> option; the first switches it on
+    experts: bool = False  # the factory takes expert= (which DiT of the pipeline the cache serves)
 
 
 STEP_CACHES: dict[str, StepCacheEntry] = {}
 
 
 def register_step_cache(name: str, factory: StepCacheFactory, *, options: Mapping[str, Any] | None = None,
-                        fields: Mapping[str, str] | None = None) -> StepCacheEntry:
+                        fields: Mapping[str, str] | None = None, experts: bool = False) -> StepCacheEntry:
     """Make ``name`` available as ``step_cache=name``; ``options`` maps each option to its default (or
-    :data:`REQUIRED`), ``fields`` maps request fields to options (its first field, when not None, asks for it)."""
+    :data:`REQUIRED`), ``fields`` maps request fields to options (its first field, when not None, asks for it);
+    with ``experts`` the factory is called with ``expert=`` (see :func:`make_step_caches`)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a step cache name must be a non-empty str, got {name!r}")
     if name in STEP_CACHES:
@@ -66,7 +71,7 @@ def register_step_cache(name: str, factory: StepCacheFactory, *, options: Mappin
     if unknown:
         raise ValueError(f"step cache {name!r}: fields map onto options {unknown} that are not in options "
                          f"{sorted(options)}")
-    entry = StepCacheEntry(name, factory, options, fields)
+    entry = StepCacheEntry(name, factory, options, fields, experts)
     STEP_CACHES[name] = entry
     return entry
 
@@ -117,10 +122,16 @@ def _complete_options(entry: StepCacheEntry, given: dict[str, Any]) -> dict[str,
 
 
 def _check_value(name: str, value: Any) -> None:
-    """An option value is None, a bool, a str, a finite real number, or a list/tuple of those."""
+    """An option value is None, a bool, a str, a finite real number, or a list/tuple of those, or a dict
+    with str keys (one value per expert, say) of those."""
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _check_value(f"{name}[{i}]", item)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{name} must have str keys (expert names such as 'dit', 'dit2'), got {key!r}")
+            _check_value(f"{name}[{key!r}]", item)
     elif isinstance(value, Real) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -142,25 +153,30 @@ def option_number(cache: str, options: Mapping[str, Any], name: str, low: float 
     return float(value)
 
 
-def make_step_caches(request: Any, steps: int, branches: int) -> list[StepCache | None]:
-    """One cache per CFG branch for ``request`` (``None``s when it asks for none).
+def make_step_caches(request: Any, steps: int, branches: int, expert: str | None = None) -> list[StepCache | None]:
+    """One cache per CFG branch for ``request`` over ``steps`` steps (``None``s when it asks for none).
 
-    With ``cfg_merge`` both branches run as one batch, so one cache (built for branch 0) serves both
-    and is listed twice: its skip decisions cover the two branches together.
+    ``expert`` is the route the caches serve: ``None`` for a pipeline with one DiT, else the expert's
+    slot (``"dit"`` high-noise, ``"dit2"`` low-noise) and ``steps`` the steps it serves; factories
+    registered with ``experts=True`` get it. With ``cfg_merge`` both branches run as one batch, so one
+    cache (built for branch 0) serves both and is listed twice: its skip decisions cover the two together.
     """
     chosen = requested_step_cache(request)
     if chosen is None:
         return [None] * branches
     entry, options, _ = chosen
     if request.cfg_merge and branches == 2:
-        shared = _build(entry, options, steps, 0)
+        shared = _build(entry, options, steps, 0, expert)
         return [shared, shared]
-    return [_build(entry, options, steps, branch) for branch in range(branches)]
+    return [_build(entry, options, steps, branch, expert) for branch in range(branches)]
 
 
-def _build(entry: StepCacheEntry, options: dict[str, Any], steps: int, branch: int) -> StepCache:
-    """Call the entry's factory and check that what it made has ``run`` and ``skipped``."""
-    cache = entry.factory(dict(options), steps, branch)
+def _build(entry: StepCacheEntry, options: dict[str, Any], steps: int, branch: int,
+           expert: str | None) -> StepCache:
+    """Call the entry's factory (with ``expert=`` where it asked) and check that what it made has ``run``
+    and ``skipped``."""
+    extra = {"expert": expert} if entry.experts else {}
+    cache = entry.factory(dict(options), steps, branch, **extra)
     if not isinstance(cache, StepCache):
         raise TypeError(f"the factory of step cache {entry.name!r} returned a {type(cache).__name__}, which lacks "
                         "run(dit, inputs) or a skipped list")

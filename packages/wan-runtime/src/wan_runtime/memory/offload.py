@@ -19,7 +19,9 @@ short to hide it, so keeping small layers saves the most transfers per byte. The
 on the compute side at every moment: resident units, the streamed units running (a unit and the
 units enclosing it) and one prefetched unit; activations are not counted (``vram_buffer`` is
 their headroom). One network is *active* (holds its resident units) at a time: the first layer
-of another network to run offloads it.
+of another network to run offloads it. With an expert pair (``dit`` and ``dit2``) only the active
+expert's layers are on the compute device; each switch between them is logged and kept in
+:attr:`VramManager.switches` (bytes brought over, seconds).
 
 Prefetch (CUDA): when a streamed unit starts, the unit that followed it last time is copied on a
 side stream, from pinned host memory, while this one computes; the current stream waits on an
@@ -29,6 +31,7 @@ event before using it. Elsewhere the same logic runs with immediate copies.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Iterable
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 GIB = 1 << 30
 # The pipeline's networks, in the order they are managed.
 PIPELINE_NETWORKS = ("text_encoder", "image_encoder", "motion_controller", "vae", "dit", "dit2")
+EXPERTS = ("dit", "dit2")  # an expert pair's slots: a change of the active network between them is a switch
 
 # The class attributes through which a network declares what its forward does outside its
 # children's calls (documented in :mod:`wan_models.ops`); any module class may set them.
@@ -127,6 +131,18 @@ class Unit:
     def chain_bytes(self) -> int:
         """Bytes on the compute side while this unit runs streamed inside its ancestors."""
         return self.nbytes + sum(a.nbytes for a in self.ancestors)
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One change of the active network between the experts: weight bytes brought to the compute device
+    (the new expert's root and resident layers; the old one's are dropped, never written back) and the
+    seconds that took (on CUDA between synchronizations)."""
+
+    source: str
+    target: str
+    nbytes: int
+    seconds: float
 
 
 @dataclass
@@ -332,11 +348,15 @@ class NetworkOffloader:
 
     # -- activation -------------------------------------------------------------------------------
 
-    def activate(self) -> None:
-        """Onload the root and resident units (the manager deactivates the previous network first)."""
+    def activate(self) -> int:
+        """Onload the root and resident units (the manager deactivates the previous network first);
+        returns the bytes brought over."""
+        moved = 0
         for unit in self._always():
             if not unit.loaded:
                 self._install(unit, self.manager.transfer.copy(unit))
+                moved += unit.nbytes
+        return moved
 
     def deactivate(self) -> None:
         """Every parameter back to its stored tensor; forgets the last unit (a new pass follows)."""
@@ -442,6 +462,7 @@ class VramManager:
         self.transfer = Transfer(self.device, upcast_dtype)
         self.networks: dict[str, NetworkOffloader] = {}
         self.active: NetworkOffloader | None = None
+        self.switches: list[Switch] = []  # every change of the active network between dit and dit2, in order
 
     def manage(self, name: str, module: nn.Module, max_resident_params: int | None = None) -> NetworkOffloader:
         """Offload ``module`` (it stays in its storage place until its layers run)."""
@@ -451,10 +472,27 @@ class VramManager:
         return self.networks[name]
 
     def activate(self, network: NetworkOffloader) -> None:
-        if self.active is not None:
-            self.active.deactivate()
+        """Make ``network`` the one whose resident layers are on the compute device; a change between the
+        experts is timed, logged and recorded in :attr:`switches`."""
+        previous = self.active
+        switch = previous is not None and {previous.name, network.name} == set(EXPERTS)
+        if switch:
+            self._sync()
+            start = time.perf_counter()
+        if previous is not None:
+            previous.deactivate()
         self.active = network
-        network.activate()
+        moved = network.activate()
+        if switch:
+            self._sync()
+            record = Switch(previous.name, network.name, moved, time.perf_counter() - start)
+            self.switches.append(record)
+            logger.info("expert switch %s -> %s: %s brought to %s in %.3f s", record.source, record.target,
+                        format_bytes(record.nbytes), self.device, record.seconds)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def offload(self) -> None:
         """Every managed weight back in its storage place (the state between pipeline calls)."""
