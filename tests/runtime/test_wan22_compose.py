@@ -99,6 +99,10 @@ def test_magcache_skips_per_expert_and_stays_close(pair, ratios) -> None:
     assert not torch.equal(cached, plain)
     # Reusing residuals on every other step moves the result of this random tiny pair a little, not a lot.
     assert float((cached - plain).norm() / plain.norm()) < 0.25
+    # The seed's fields take the per-expert ratios too.
+    seed_fields = call(pair, mag_cache_thresh=1.0, mag_cache_ratios=ratios, mag_cache_max_skip_steps=1,
+                       mag_cache_retention_ratio=0.0)
+    assert torch.equal(seed_fields, cached)
 
 
 def test_magcache_ratios_that_do_not_fit_are_clear_errors(pair, ratios, ti2v) -> None:

@@ -238,3 +238,11 @@ def test_a_vae_that_does_not_fit_the_dit_is_refused(releases, dit, vae, message)
     pipe = load([releases / dit], releases / vae)
     with pytest.raises(ValueError, match=message):
         call(pipe, num_inference_steps=1)
+
+
+def test_ti2v_cfg_merge_batches_the_per_token_timestep(ti2v) -> None:
+    """With both CFG branches in one batch the [1, L] timestep goes to [2, L]; same result as two calls."""
+    image = picture(5)
+    separate = call(ti2v, input_image=image, cfg_scale=4.0)
+    merged = call(ti2v, input_image=image, cfg_scale=4.0, cfg_merge=True)
+    torch.testing.assert_close(merged, separate, rtol=1e-5, atol=1e-5)

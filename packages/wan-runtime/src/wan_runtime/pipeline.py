@@ -396,6 +396,7 @@ class WanVideoPipeline:
                                  "the same cache for both branches, or cfg_merge=False")
             inputs = {k: _repeat_batch(v) for k, v in cond.shared.items()}
             inputs["context"] = torch.cat([cond.positive["context"], cond.negative["context"]])
+            timestep = _repeat_batch(timestep) if timestep.dim() == 2 else timestep  # per token: [2, L]
             positive, negative = self._predict(request, dit, _repeat_batch(latents), timestep, inputs,
                                                caches[0]).chunk(2)
         else:

@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import InitVar, dataclass, field
 from numbers import Real
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image
 
@@ -64,7 +64,7 @@ class GenerationRequest:
     tea_cache_l1_thresh: float | None = None
     tea_cache_model_id: str = ""
     mag_cache_thresh: float | None = None
-    mag_cache_ratios: Sequence[float] | Sequence[Sequence[float]] | None = None
+    mag_cache_ratios: Sequence[float] | Sequence[Sequence[float]] | Mapping[str, Any] | None = None
     mag_cache_max_skip_steps: int = 2
     mag_cache_retention_ratio: float = 0.2
     step_cache: str | None = None  # a name in wan_runtime.caching.STEP_CACHES; see docs/step_caches.md
@@ -125,9 +125,14 @@ class GenerationRequest:
                 raise ValueError(f"{name} must be two positive integers (height, width) in latents, got {value!r}")
         if self.mag_cache_ratios:
             ratios = self.mag_cache_ratios
-            for row in ratios if isinstance(ratios[0], (list, tuple)) else [ratios]:
-                for i, value in enumerate(row):
-                    finite_number(f"mag_cache_ratios[{i}]", value)
+            # Per expert ({"dit": ..., "dit2": ...}, from calibrate_magcache on a pair), per CFG branch, or one list.
+            groups = ([(f"[{key!r}]", value) for key, value in ratios.items()] if isinstance(ratios, Mapping)
+                      else [("", ratios)])
+            for where, group in groups:
+                nested = isinstance(group, (list, tuple)) and group and isinstance(group[0], (list, tuple))
+                for row in group if nested else [group]:
+                    for i, value in enumerate(row):
+                        finite_number(f"mag_cache_ratios{where}[{i}]", value)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if self.motion_bucket_id is not None and (isinstance(self.motion_bucket_id, bool)
