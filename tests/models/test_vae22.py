@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from wan_models import CheckpointError, load_model
-from wan_models.vae import VAEConfig, WanVAE
-from wan_models.vae22 import LATENTS_MEAN, VAE22Config, WanVAE22, config_from_state_dict
+from wan_models.vae import CausalConv3d, StreamCache, VAEConfig, WanVAE, _norm_silu_conv, _run_blocks
+from wan_models.vae22 import LATENTS_MEAN, VAE22Config, WanVAE22, config_from_state_dict, unpatchify
 
 TINY = VAE22Config(dim=4, dec_dim=5)
 
@@ -74,6 +74,39 @@ def test_streaming_is_causal(tiny: WanVAE22) -> None:
     torch.testing.assert_close(tiny.encode(video[:, :, :5]), tiny.encode(video)[:, :, :2], rtol=1e-5, atol=1e-5)
     z = _latents(1, 48, 3, 1, 2)
     torch.testing.assert_close(tiny.decode(z[:, :, :2]), tiny.decode(z)[:, :, :5], rtol=1e-5, atol=1e-5)
+
+
+def _decode_chunk_at_once(model: WanVAE22, latents: torch.Tensor) -> torch.Tensor:
+    """The released decode order: each latent frame's output frames go through every stage together."""
+    dec, x, cache, chunks = model.decoder, model.conv2(latents), StreamCache(), []
+    for i in range(x.shape[2]):
+        h = _run_blocks((*dec.middle, *dec.upsamples), dec.conv1(x[:, :, i:i + 1], cache), cache)
+        chunks.append(unpatchify(_norm_silu_conv(dec.head[0], dec.head[2], h, cache)))
+        cache.first_chunk = False
+    return torch.cat(chunks, dim=2)
+
+
+@pytest.mark.parametrize("temporal", [(False, True, True), (True, False, True)])
+def test_frame_at_a_time_decode_equals_the_chunk_at_once_order(temporal: tuple[bool, ...]) -> None:
+    """The decoder runs the stages after each temporal upsample one frame at a time (less memory);
+    with the causal cache that is the released computation, up to float32 rounding."""
+    model = _randomize(WanVAE22(VAE22Config(dim=4, dec_dim=5, temperal_downsample=temporal)), seed=8)
+    cuts = [i + 1 for i, flag in enumerate(temporal[::-1]) if flag]
+    assert model.decoder.segments == [list(range(a, b)) for a, b in zip([0, *cuts], [*cuts, 4])]
+    z = _latents(2, 48, 4, 2, 3, seed=9)
+    expected = _decode_chunk_at_once(model, z)
+    assert expected.shape == (2, 3, 13, 32, 48)
+    torch.testing.assert_close(model.decode(z, normalized=False, clamp=False), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_causal_convs_run_in_weight_slices_with_the_same_result() -> None:
+    """oneDNN copies a conv's weight on every call; over 32 MiB (Wan2.2's 1024-wide convs: 108 MiB) the
+    conv runs in slices of output channels, which must not change the result."""
+    conv = CausalConv3d(312, 1050, 3).eval()  # 35.4 MB of weight: two slices of 525 channels
+    assert conv.weight.nbytes > 2**25
+    x = _latents(1, 312, 2, 3, 4, seed=10)
+    expected = F.conv3d(F.pad(x, (0, 0, 0, 0, 2, 0)), conv.weight, conv.bias, padding=(0, 1, 1))
+    torch.testing.assert_close(conv(x, StreamCache()), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_matches_single_samples(tiny: WanVAE22) -> None:

@@ -24,14 +24,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 # Released latent statistics: normalised latents are (mu - mean) / std per channel.
-LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)
-LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)
+LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+               3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 ENCODE_CHUNK = 4  # video frames per encoder step after the first frame
 
 
@@ -137,12 +133,16 @@ class CausalConv3d(nn.Conv3d):
         return stream, stream[:, :, self.past_frames :]
 
     def convolve(self, stream: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        """Convolves a filled :meth:`input_buffer` and keeps its last frames for the next chunk."""
+        """Convolves a filled :meth:`input_buffer` and keeps its last frames for the next chunk. oneDNN
+        copies the weight per call, so weights over 32 MiB (Wan2.2's) go in slices of output channels."""
         cache.keep(self, stream[:, :, -self.past_frames :])
-        if _use_onednn(stream):
-            return torch.mkldnn_convolution(stream, self.weight, self.bias, self.padding, self.stride,
-                                            self.dilation, self.groups)
-        return super().forward(stream)
+        if not _use_onednn(stream):
+            return super().forward(stream)
+        step = -(-len(self.weight) // -(-self.weight.nbytes // 2**25))  # ceil(out / ceil(MiB / 32))
+        parts = [torch.mkldnn_convolution(stream, self.weight[o:o + step], self.bias[o:o + step], self.padding,
+                                          self.stride, self.dilation, self.groups)
+                 for o in range(0, len(self.weight), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
         stream, new = self.input_buffer(x, cache)
@@ -408,8 +408,7 @@ class WanVAE(nn.Module):
         """Latent mean and 1/std as ``[1, z, 1, 1, 1]`` (1/std taken in float32, as the references do)."""
         mean = torch.tensor(self.config.latents_mean, dtype=torch.float32, device=like.device)
         inv_std = 1.0 / torch.tensor(self.config.latents_std, dtype=torch.float32, device=like.device)
-        shape = (1, -1, 1, 1, 1)
-        return mean.to(like.dtype).view(shape), inv_std.to(like.dtype).view(shape)
+        return mean.to(like.dtype).view(1, -1, 1, 1, 1), inv_std.to(like.dtype).view(1, -1, 1, 1, 1)
 
     # ---- encode --------------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ blocks, stream cache, chunking and tiling this module reuses) it differs in:
 - a decoder width ``dec_dim`` of its own, and 48 latent channels with their own statistics.
 
 Streaming is the released one: encoding feeds frame 0 alone and then 4 frames at a time, decoding
-one latent frame at a time. Parameter names are the released checkpoint's, so it loads with
-``strict=True``. Wrap calls in ``torch.no_grad()`` for inference.
+one latent frame at a time (depth-first, as the Wan 2.1 decoder). Parameter names are the released
+checkpoint's, so it loads with ``strict=True``. Wrap calls in ``torch.no_grad()`` for inference.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae import (AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMSNorm, StreamCache, VAEConfig, WanVAE,
-                  _norm_silu_conv, _run_blocks, check_inferred)
+from .vae import (AttentionBlock, CausalConv3d, Decoder3d, Resample, ResidualBlock, RMSNorm, StreamCache, VAEConfig,
+                  WanVAE, _norm_silu_conv, _run_blocks, check_inferred)
 
 # Released latent statistics (``Wan2_2_VAE.__init__`` of Wan-Video/Wan2.2): z = (mu - mean) / std.
 LATENTS_MEAN = (
@@ -175,13 +175,12 @@ class Encoder22(nn.Module):
         return _norm_silu_conv(self.head[0], self.head[2], x, cache)
 
 
-class Decoder22(nn.Module):
-    """Latent chunk -> video frames (3 channels) at 16x size, 4x frames after the first."""
-
-    children_read_directly: tuple[str, ...] = ("head",)  # _norm_silu_conv; see wan_models.ops
+class Decoder22(Decoder3d):
+    """Latent chunk -> video frames (3 channels) at 16x size, 4x frames after the first, depth-first as
+    :class:`~wan_models.vae.Decoder3d` decodes (``DupUp3D`` too maps each frame to its own output frames)."""
 
     def __init__(self, cfg: VAE22Config) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not Decoder3d.__init__, which would build the Wan 2.1 network
         dims = [cfg.dec_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
         temporal, last = cfg.temperal_downsample[::-1], len(cfg.dim_mult) - 1
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3)
@@ -190,10 +189,12 @@ class Decoder22(nn.Module):
             UpStage(a, b, cfg.num_res_blocks + 1, cfg.dropout, i < last and temporal[i], i < last)
             for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))))
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3 * PATCH * PATCH, 3))
+        cuts = [i + 1 for i, stage in enumerate(self.upsamples) if stage.factor_t == 2]
+        bounds = [0, *cuts, len(self.upsamples)]
+        self.segments = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        x = _run_blocks((*self.middle, *self.upsamples), self.conv1(x, cache), cache)
-        return unpatchify(_norm_silu_conv(self.head[0], self.head[2], x, cache))
+        return unpatchify(super().forward(x, cache))
 
 
 class WanVAE22(WanVAE):
