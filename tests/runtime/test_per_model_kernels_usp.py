@@ -31,6 +31,17 @@ from wan_runtime.units import noise
 LAYERS = TINY_DIT.num_layers
 
 
+@pytest.fixture(autouse=True)
+def _pristine_process_hooks() -> None:
+    """Start from the process-wide defaults (SDPA, the torch ops): pipelines loaded by module-scoped
+    fixtures elsewhere switch kernels on process-wide before the conftest can record the state. The
+    conftest puts the earlier state back after each test."""
+    wan_kernels.disable()
+    set_attention_backend(None)
+    for name in ops.DEFAULTS:
+        ops.set_op(name, None)
+
+
 def recording(calls: list[int]) -> AttentionFn:
     """SDPA that appends each call's query length to ``calls``."""
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
