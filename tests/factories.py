@@ -52,3 +52,18 @@ def one_thread_fixture(scope: str) -> Any:
         torch.set_num_threads(before)
 
     return one_thread
+
+
+def load_tiny_pipeline(folder, dits, vae: str = "Wan2.1_VAE.pth"):
+    """A float32 CPU pipeline from a tiny release ``folder`` (``wan_runtime.tiny_release``): the DiT files or
+    folders ``dits`` (in the order given), its T5, the VAE file ``vae`` and its tokenizer; nothing downloaded."""
+    from wan_models.configs import T5_FILE, T5_TOKENIZER
+    from wan_runtime import WanVideoPipeline
+    from wan_runtime.model_config import ModelConfig
+
+    configs = [ModelConfig(path=str(p)) for p in dits]
+    configs += [ModelConfig(path=str(folder / T5_FILE)), ModelConfig(path=str(folder / vae))]
+    return WanVideoPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
+                                            tokenizer_config=ModelConfig(path=str(folder / T5_TOKENIZER)),
+                                            local_model_path=str(folder / "nowhere"), skip_download=True,
+                                            progress_bar_cmd=lambda x: x)

@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 
 import wan_models
 from wan_models import DiTConfig, WanDiT, formats
-from wan_models.formats import comfy
 from wan_models.vae import VAEConfig, WanVAE
 from wan_models.vae22 import VAE22Config, WanVAE22
 

@@ -7,16 +7,14 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
-from wan_runtime import WanVideoPipeline, tiny_release
+from wan_models.configs import VAE22_FILE, VAE_FILE
+from wan_runtime import tiny_release
 from wan_runtime.defaults import fit_area, fit_area_closest_ratio, model_defaults, registry_entry
-from wan_runtime.model_config import ModelConfig
 from wan_runtime.schedulers import FlowUniPCScheduler
 
-from factories import one_thread_fixture
+from factories import load_tiny_pipeline, one_thread_fixture
 
 one_thread = one_thread_fixture("module")
 
@@ -32,12 +30,7 @@ def root(tmp_path_factory) -> Path:
 def load(root: Path, name: str, experts: tuple[str, ...] = ("high_noise_model", "low_noise_model")):
     folder = root / "Wan-AI" / name
     dits = [folder / e for e in experts] if (folder / "high_noise_model").is_dir() else [folder]
-    vae = VAE22_FILE if (folder / VAE22_FILE).is_file() else VAE_FILE
-    configs = [ModelConfig(path=str(p)) for p in dits] + [ModelConfig(path=str(folder / f)) for f in (T5_FILE, vae)]
-    return WanVideoPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
-                                            tokenizer_config=ModelConfig(path=str(folder / T5_TOKENIZER)),
-                                            local_model_path=str(root / "nowhere"), skip_download=True,
-                                            progress_bar_cmd=lambda x: x)
+    return load_tiny_pipeline(folder, dits, VAE22_FILE if (folder / VAE22_FILE).is_file() else VAE_FILE)
 
 
 def test_each_pipeline_finds_its_registry_entry(root) -> None:

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
+from wan_models.configs import VAE22_FILE, VAE_FILE
 from wan_runtime import WanVideoPipeline, tiny_release
 from wan_runtime.caching import TEACACHE_COEFFICIENTS, calibrate_magcache
-from wan_runtime.model_config import ModelConfig
 
-from factories import one_thread_fixture
+from factories import load_tiny_pipeline, one_thread_fixture
 
 one_thread = one_thread_fixture("module")
 SIZE = dict(height=32, width=32, num_frames=5)
@@ -32,12 +31,7 @@ def releases(tmp_path_factory) -> Path:
 
 
 def load(folder: Path, dits: list[Path], vae: str = VAE_FILE) -> WanVideoPipeline:
-    configs = [ModelConfig(path=str(p)) for p in dits]
-    configs += [ModelConfig(path=str(folder / T5_FILE)), ModelConfig(path=str(folder / vae))]
-    return WanVideoPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
-                                            tokenizer_config=ModelConfig(path=str(folder / T5_TOKENIZER)),
-                                            local_model_path=str(folder / "nowhere"), skip_download=True,
-                                            progress_bar_cmd=lambda x: x)
+    return load_tiny_pipeline(folder, dits, vae)
 
 
 def load_pair(releases: Path) -> WanVideoPipeline:

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
+from wan_models.configs import VAE22_FILE, VAE_FILE
 from wan_runtime import WanVideoPipeline, tiny_release
 from wan_runtime.denoise import predict_windows
-from wan_runtime.model_config import ModelConfig
 from wan_runtime.request import GenerationRequest
 from wan_runtime.units.image import image_pixels
 
-from factories import one_thread_fixture
+from factories import load_tiny_pipeline, one_thread_fixture
 
 one_thread = one_thread_fixture("module")
 TI2V, T2V_A14B, I2V_A14B = "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"
@@ -42,13 +41,7 @@ def releases(tmp_path_factory) -> Path:
 
 
 def load(dits: list[Path], vae: Path) -> WanVideoPipeline:
-    folder = vae.parent
-    configs = [ModelConfig(path=str(p)) for p in dits]
-    configs += [ModelConfig(path=str(folder / T5_FILE)), ModelConfig(path=str(vae))]
-    return WanVideoPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=configs,
-                                            tokenizer_config=ModelConfig(path=str(folder / T5_TOKENIZER)),
-                                            local_model_path=str(folder / "nowhere"), skip_download=True,
-                                            progress_bar_cmd=lambda x: x)
+    return load_tiny_pipeline(vae.parent, dits, vae.name)
 
 
 @pytest.fixture(scope="module")
