@@ -91,13 +91,17 @@ def test_each_expert_gets_its_own_step_caches(pair) -> None:
         assert all(branch[1:high_steps]) and all(branch[high_steps + 1:])
 
 
-def test_expert_fields_need_an_expert_pair(releases) -> None:
+def test_an_expert_needs_its_partner_and_expert_fields_need_a_pair(releases) -> None:
     folder = releases / "Wan-AI" / A14B
     single = load(folder, [folder / "high_noise_model"])
     assert single.dit2 is None
+    with pytest.raises(ValueError, match="the high-noise expert of a Wan 2.2 pair, and the low-noise expert is "
+                                         "missing: load it too \\(its low_noise_model/ folder\\)"):
+        call(single)
+    ti2v = load(releases / "Wan-AI" / TI2V, [releases / "Wan-AI" / TI2V], vae=VAE22_FILE)
     for field, value in (("cfg_scale_2", 3.0), ("switch_DiT_boundary", 0.9)):
         with pytest.raises(ValueError, match=f"{field} set, but the pipeline holds one DiT"):
-            call(single, **{field: value})
+            call(ti2v, **{field: value})
     with pytest.raises(ValueError, match="switch_DiT_boundary must be"):
         GenerationRequest(switch_DiT_boundary=1.5)
 
@@ -235,3 +239,40 @@ def test_ti2v_initial_noise_is_diffsynths(releases) -> None:
     cond = pipe.prepare(request)
     expected = torch.randn((1, 48, 3, 4, 6), generator=torch.Generator("cpu").manual_seed(11))
     assert torch.equal(cond.noise, expected)
+
+
+def test_the_pipeline_follows_the_pinned_expert_rule(pair) -> None:
+    """For every setting of the ``wan22_moe_switch`` case, a run of the tiny pair uses the expert and the
+    guidance scale the reference recorded at every step of the same schedule."""
+    from parity_support import ParityCase
+
+    case = ParityCase.load("wan22_moe_switch", family="wan22")
+    routes: list[tuple[str, float]] = []
+
+    def record(p, request, cond, plan: StepPlan) -> None:  # a part that wraps the expert route
+        route = plan.route
+
+        def recorded(t):
+            chosen = route(t)
+            routes.append((chosen.name, chosen.cfg_scale))
+            return chosen
+        plan.route = recorded
+
+    pair.step_hooks.append(record)
+    try:
+        for i, setting in enumerate(case.literal_args["settings"]):
+            routes.clear()
+            seen: list[float] = []
+            low, high = setting["sample_guide_scale"]
+            call(pair, sampler={"dpm++": "dpmpp"}.get(setting["solver"], setting["solver"]),
+                 num_inference_steps=setting["sample_steps"], sigma_shift=setting["sample_shift"],
+                 switch_DiT_boundary=setting["boundary"], cfg_scale=high, cfg_scale_2=low,
+                 step_callback=lambda step, t, latents: seen.append(float(t)))
+            expected = case.expected
+            torch.testing.assert_close(torch.tensor(seen, dtype=torch.float64),
+                                       expected[f"timesteps_{i}"].to(torch.float64), rtol=0, atol=1e-3)
+            experts = [int(name == "dit") for name, _ in routes]
+            assert experts == expected[f"expert_{i}"].tolist(), setting
+            assert [scale for _, scale in routes] == pytest.approx(expected[f"guide_scale_{i}"].tolist()), setting
+    finally:
+        pair.step_hooks.remove(record)

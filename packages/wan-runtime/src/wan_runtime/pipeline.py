@@ -342,12 +342,17 @@ class WanVideoPipeline:
         return latents[:, :, cond.leading_frames_to_drop:]
 
     def _check_experts(self, request: GenerationRequest, caches: list | None) -> None:
-        """Expert-pair fields need an expert pair: nothing the request asks for is silently ignored."""
+        """An expert needs its partner, and expert-pair fields need a pair: nothing is silently ignored."""
         if self.dit2 is not None:
             if caches is not None:
                 raise ValueError("caches= overrides the step caches of one DiT; with an expert pair ask for a cache "
                                  "with step_cache= (each expert gets its own)")
             return
+        expert = self.dit.identity.expert if self.dit.identity is not None else None
+        if expert is not None:
+            other = "low" if expert == "high" else "high"
+            raise ValueError(f"the loaded DiT is the {expert}-noise expert of a Wan 2.2 pair, and the {other}-noise "
+                             f"expert is missing: load it too (its {other}_noise_model/ folder)")
         given = [name for name in ("cfg_scale_2", "switch_DiT_boundary") if getattr(request, name) is not None]
         if given:
             raise ValueError(f"{' and '.join(given)} set, but the pipeline holds one DiT: they apply to an expert "
