@@ -32,7 +32,7 @@ TOLERANCE = 1e-5  # float32 rounding; the measured differences are 0 or a few ul
 WORLD_SIZES = (2, 3)
 MODEL_ID = "Wan-AI/Wan2.1-T2V-1.3B"  # its tiny DiT has 2 heads: even on 2 ranks, uneven on 3
 LATENT_GRID = (5, 10, 14)  # 5 * 5 * 7 = 175 tokens
-PIPELINE_CASES = ("pipeline", "pipeline-teacache", "pipeline-windows")
+PIPELINE_CASES = ("pipeline", "pipeline-teacache", "pipeline-windows", "pipeline-ti2v-image", "pipeline-a14b-pair")
 DIT_CASES = ("dit-ulysses", "dit-uneven-heads", "dit-vace", "dit-reference", "dit-per-token")
 
 
@@ -139,9 +139,36 @@ def _worker(out: Path, models: Path) -> None:
         finally:
             set_attention_backend(previous)
         results["local_attention_lengths"] = sorted(set(lengths))
+    results.update(_wan22_cases(models))
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _wan22_cases(models: Path) -> dict[str, float]:
+    """Wan 2.2 under sequence parallel: TI2V image-to-video (per-token timesteps, 0 on the image's
+    tokens, split with the tokens) and the A14B expert pair (both experts wrapped)."""
+    from PIL import Image
+
+    def load(folder: Path, files: list[str]) -> WanVideoPipeline:
+        return WanVideoPipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", use_usp=True,
+                                                skip_download=True, local_model_path=str(models),
+                                                model_configs=[ModelConfig(path=str(folder / f)) for f in files])
+
+    image = Image.new("RGB", (96, 64), (200, 40, 90))
+    settings = dict(height=64, width=96, num_frames=5, num_inference_steps=3, sampler="euler", sigma_shift=5.0)
+    ti2v = load(models / "Wan-AI" / "Wan2.2-TI2V-5B", ["diffusion_pytorch_model.safetensors", "Wan2.2_VAE.pth"])
+    pair = load(models / "Wan-AI" / "Wan2.2-T2V-A14B", ["high_noise_model", "low_noise_model"])
+    out = {}
+    with torch.no_grad():
+        for name, pipe, kwargs in (("pipeline-ti2v-image", ti2v, dict(input_image=image)),
+                                   ("pipeline-a14b-pair", pair, dict(cfg_scale_2=3.0, switch_DiT_boundary=0.6))):
+            parallel = pipe.sequence_parallel
+            split = _generate(pipe, **settings, **kwargs)
+            pipe.sequence_parallel = None
+            out[name] = _max_diff(split, _generate(pipe, **settings, **kwargs))
+            pipe.sequence_parallel = parallel
+    return out
 
 
 # -- launching -----------------------------------------------------------------------------------
@@ -180,6 +207,8 @@ def _launch(world: int, out: Path, models: Path) -> list[dict[str, Any]]:
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
     tiny_release.write_dit(root / MODEL_ID, tiny_release.tiny_dit_config())
+    for name in ("Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B"):
+        tiny_release.write_release(root, name)
     return root
 
 
