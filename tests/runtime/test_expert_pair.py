@@ -290,3 +290,14 @@ def test_fp8_storage_covers_both_experts(releases) -> None:
     quantized = call(pipe, switch_DiT_boundary=0.6)
     # float8 weights: a few percent of the latents' scale on this random tiny pair.
     assert float((quantized - plain).norm() / plain.norm()) < 0.1
+
+
+def test_compile_covers_both_experts(releases) -> None:
+    from wan_runtime.compile import is_compiled
+
+    folder = releases / "Wan-AI" / A14B
+    pipe = load(folder, [folder / "high_noise_model", folder / "low_noise_model"])
+    plain = call(pipe, switch_DiT_boundary=0.6)
+    pipe.compile(backend="eager")  # dynamo's graph capture without code generation: the composition is tested
+    assert all(is_compiled(dit) for dit in pipe.dits)
+    torch.testing.assert_close(call(pipe, switch_DiT_boundary=0.6), plain, rtol=1e-5, atol=1e-5)
