@@ -54,3 +54,26 @@ def test_expert_flags_on_a_single_dit_are_refused(wan_main, models_root: Path, t
                       "--cfg-scale-2", "3", "-o", str(tmp_path / "x.mp4"))
     assert result.returncode == 1
     assert "cfg_scale_2 set, but the pipeline holds one DiT" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B"])
+def test_image_to_video(wan_main, models_root: Path, tmp_path: Path, name: str) -> None:
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.new("RGB", (64, 32), (30, 160, 90)).save(image)
+    out = tmp_path / "i2v.mp4"
+    result = wan_main("generate", "-m", name, "--models-dir", str(models_root), *SMALL, "--image", str(image),
+                      "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert frames_of(out) == 5
+
+
+def test_an_image_on_the_t2v_pair_is_refused(wan_main, models_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    image = tmp_path / "first.png"
+    Image.new("RGB", (32, 32)).save(image)
+    result = wan_main("generate", "-m", "Wan2.2-T2V-A14B", "--models-dir", str(models_root), *SMALL,
+                      "--image", str(image), "-o", str(tmp_path / "x.mp4"))
+    assert result.returncode == 1 and "has no image input" in result.stderr
