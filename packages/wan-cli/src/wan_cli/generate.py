@@ -60,10 +60,11 @@ def folder_entry(folder: Path) -> tuple[Optional[str], list[str]]:
     """The registry entry whose DiT config a model folder's DiT has (its name picks among entries sharing
     one config), and every entry of that config; None when none matches or the name cannot tell them apart."""
     import wan_models
-    from wan_models.configs import DIT_FILES
+    from wan_models.configs import DIT_FILES, EXPERT_FOLDERS
     from wan_models.loading import read_checkpoint
 
-    files = sorted(folder.glob(DIT_FILES))
+    # A single DiT, or an expert pair's high-noise expert (both experts share one config).
+    files = sorted(folder.glob(DIT_FILES)) or sorted((folder / EXPERT_FOLDERS[0]).glob(DIT_FILES))
     if not files:
         return None, []
     try:

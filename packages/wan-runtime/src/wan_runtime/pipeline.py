@@ -185,8 +185,9 @@ class WanVideoPipeline:
             folder = folder if folder.is_dir() else folder.parent
             pipe.prompter = Prompter.from_folder(folder, pipe.text_encoder)
         pipe.attention_backend = enable_kernels(attention_backend)
-        if pipe.dit is not None and torch.device(device).type == "cpu":
-            optimize_for_cpu(pipe.dit)
+        if torch.device(device).type == "cpu":
+            for dit in pipe.dits:
+                optimize_for_cpu(dit)
         if use_usp:
             enable_usp(pipe)
         return pipe
@@ -425,6 +426,15 @@ class WanVideoPipeline:
         check_finite(video, "the decoded video", "the VAE overflowed: load it in bfloat16 or float32")
         return tensor_to_frames(video)
 
+    def request(self, **kwargs: Any) -> GenerationRequest:
+        """The :class:`GenerationRequest` a call with ``kwargs`` runs: unknown arguments refused, what a
+        Wan 2.2 model's call leaves out taken from its registry entry, sizes rounded to the loaded models."""
+        unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown arguments {sorted(unknown)}")
+        kwargs = {**model_defaults(self, kwargs), **kwargs}  # a Wan 2.2 model's registry settings
+        return GenerationRequest(shape_multiples=self.shape_multiples, **kwargs)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -446,13 +456,8 @@ class WanVideoPipeline:
         """
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
-        unknown = set(kwargs) - (set(GenerationRequest.__dataclass_fields__) - {"extra"})
-        if unknown:
-            raise TypeError(f"unknown arguments {sorted(unknown)}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        kwargs = {**model_defaults(self, kwargs), **kwargs}  # a Wan 2.2 model's registry settings
-        request = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, extra=extra,
-                                    shape_multiples=self.shape_multiples, **kwargs)
+        request = self.request(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
         if output_type == "pil" and self.vae is None:
             raise ValueError("decoding needs the VAE (Wan2.1_VAE.pth), which is not loaded; load it, or pass "
                              "output_type='latent' for the latents")

@@ -156,11 +156,9 @@ def calibrate_magcache(pipe, progress_bar_cmd=lambda x: x,
     ``mag_cache_ratios`` (one DiT) or ``step_cache_options={"ratios": ...}`` (either) to later calls
     with the same model and schedule (for one DiT other step counts are resampled).
     """
-    from ..request import GenerationRequest
-
     embeds = {k: call_kwargs.pop(k) for k in ("prompt_embeds", "negative_prompt_embeds") if k in call_kwargs}
     # Ratios are measured per CFG branch, so the branches run separately whatever cfg_merge says.
-    request = GenerationRequest(**{**call_kwargs, "cfg_merge": False}, extra=embeds)
+    request = pipe.request(**{**call_kwargs, "cfg_merge": False}, extra=embeds)  # as pipe(...) would build it
     recorders: dict[str, list[ResidualRecorder]] = {}
 
     def record(_pipe, _request, _cond, plan) -> None:  # a step hook: every route's caches become recorders
