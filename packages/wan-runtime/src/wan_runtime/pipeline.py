@@ -426,14 +426,14 @@ class WanVideoPipeline:
         check_finite(video, "the decoded video", "the VAE overflowed: load it in bfloat16 or float32")
         return tensor_to_frames(video)
 
-    def request(self, **kwargs: Any) -> GenerationRequest:
+    def request(self, kwargs: dict[str, Any], extra: dict[str, Any] | None = None) -> GenerationRequest:
         """The :class:`GenerationRequest` a call with ``kwargs`` runs: unknown arguments refused, what a
         Wan 2.2 model's call leaves out taken from its registry entry, sizes rounded to the loaded models."""
-        unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__)
+        unknown = set(kwargs) - (set(GenerationRequest.__dataclass_fields__) - {"extra"})
         if unknown:
             raise TypeError(f"unknown arguments {sorted(unknown)}")
         kwargs = {**model_defaults(self, kwargs), **kwargs}  # a Wan 2.2 model's registry settings
-        return GenerationRequest(shape_multiples=self.shape_multiples, **kwargs)
+        return GenerationRequest(extra=dict(extra or {}), shape_multiples=self.shape_multiples, **kwargs)
 
     @torch.no_grad()
     def __call__(
@@ -457,7 +457,7 @@ class WanVideoPipeline:
         if output_type not in ("pil", "latent"):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         extra = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-        request = self.request(prompt=prompt, negative_prompt=negative_prompt, extra=extra, **kwargs)
+        request = self.request({"prompt": prompt, "negative_prompt": negative_prompt, **kwargs}, extra)
         if output_type == "pil" and self.vae is None:
             raise ValueError("decoding needs the VAE (Wan2.1_VAE.pth), which is not loaded; load it, or pass "
                              "output_type='latent' for the latents")

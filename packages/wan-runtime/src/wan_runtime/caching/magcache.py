@@ -158,7 +158,7 @@ def calibrate_magcache(pipe, progress_bar_cmd=lambda x: x,
     """
     embeds = {k: call_kwargs.pop(k) for k in ("prompt_embeds", "negative_prompt_embeds") if k in call_kwargs}
     # Ratios are measured per CFG branch, so the branches run separately whatever cfg_merge says.
-    request = pipe.request(**{**call_kwargs, "cfg_merge": False}, extra=embeds)  # as pipe(...) would build it
+    request = pipe.request({**call_kwargs, "cfg_merge": False}, embeds)  # as pipe(...) would build it
     recorders: dict[str, list[ResidualRecorder]] = {}
 
     def record(_pipe, _request, _cond, plan) -> None:  # a step hook: every route's caches become recorders
