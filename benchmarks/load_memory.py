@@ -35,21 +35,15 @@ print(json.dumps({"peak": peak_bytes(), "base": base, "seconds": seconds,
 """
 
 DEFAULT_MODEL = "Wan2.1-T2V-1.3B"
-# Used when the registry has no entry of that name (Wan 2.2 entries arrived after this script).
-FALLBACK_SIZES = {"Wan2.2-TI2V-5B": dict(family="wan2.2", in_dim=48, out_dim=48, dim=3072, ffn_dim=14336,
-                                         num_heads=24, num_layers=30)}
 
 
 def dit_config(model: str, layers: int | None):
-    """The ``DiTConfig`` of ``model`` (registry entry, else :data:`FALLBACK_SIZES`), cut to ``layers`` blocks."""
+    """The ``DiTConfig`` of registry entry ``model``, cut to ``layers`` blocks."""
     from wan_models import MODELS, DiTConfig
 
-    if model in MODELS:
-        config = MODELS[model].config
-    elif model in FALLBACK_SIZES:
-        config = DiTConfig(**FALLBACK_SIZES[model])
-    else:
-        raise SystemExit(f"unknown --model {model!r}; known: {', '.join([*MODELS, *FALLBACK_SIZES])}")
+    if model not in MODELS:
+        raise SystemExit(f"unknown --model {model!r}; known: {', '.join(MODELS)}")
+    config = MODELS[model].config
     if not isinstance(config, DiTConfig):
         raise SystemExit(f"{model} is not a DiT")
     return config.replace(num_layers=layers) if layers else config

@@ -1,7 +1,7 @@
 """Wan-VAE decode: ours vs diffusers' AutoencoderKLWan vs DiffSynth's WanVideoVAE, untiled and tiled.
 
 ``--family wan22``: the Wan2.2 VAE (``WanVAE22``) against diffusers' ``AutoencoderKLWan(is_residual=True)``
-(the official keys renamed by :func:`diffusers_keys22`); DiffSynth's row says why it does not run.
+(the official keys renamed by ``wan_models.convert``); DiffSynth's row says why it does not run.
 
 Same random weights in all three (the official keys for ours, ``wan_models.convert(..., to="diffusers")``
 for diffusers, the official keys under DiffSynth's ``model.`` prefix for DiffSynth), loaded strictly.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -44,37 +43,6 @@ from wan_models.vae22 import VAE22Config, WanVAE22  # noqa: E402
 
 IMPLS = ("ours", "diffusers", "diffsynth")
 Decode = Callable[[torch.Tensor], torch.Tensor]  # normalised latents -> video in [-1, 1]
-
-# Official Wan2.2 VAE key -> diffusers AutoencoderKLWan(is_residual=True) key, first match wins.
-_KEYS22 = [(re.compile(a), b) for a, b in (
-    (r"^conv1\.", "quant_conv."), (r"^conv2\.", "post_quant_conv."),
-    (r"^(encoder|decoder)\.conv1\.", r"\1.conv_in."),
-    (r"^(encoder|decoder)\.head\.0\.", r"\1.norm_out."), (r"^(encoder|decoder)\.head\.2\.", r"\1.conv_out."),
-    (r"^(encoder|decoder)\.middle\.1\.", r"\1.mid_block.attentions.0."),
-    (r"^(encoder|decoder)\.middle\.([02])\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) // 2}."),
-    (r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.(resample|time_conv)", r"encoder.down_blocks.\1.downsampler.\2"),
-    (r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
-    (r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.(resample|time_conv)", r"decoder.up_blocks.\1.upsampler.\2"),
-    (r"^decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.", r"decoder.up_blocks.\1.resnets.\2."),
-)]
-_RESIDUAL = {"residual.0.": "norm1.", "residual.2.": "conv1.", "residual.3.": "norm2.", "residual.6.": "conv2.",
-             "shortcut.": "conv_shortcut."}
-
-
-def diffusers_keys22(state_dict: dict) -> dict:
-    """The official Wan2.2 VAE state dict under diffusers' ``AutoencoderKLWan`` names."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in _KEYS22:
-            new, n = pattern.subn(repl, key)
-            if n:
-                key = new
-                break
-        for a, b in _RESIDUAL.items():
-            key = key.replace(a, b)
-        out[key] = value
-    return out
-
 
 def _diffusers_vae_class() -> type:
     """diffusers' ``AutoencoderKLWan``, imported without this folder on ``sys.path``: its ``kernels.py``
@@ -106,18 +74,9 @@ def build(name: str, state_dict: dict, config, device: torch.device, dtype: torc
         import wan_models
         from wan_models.formats import diffusers as diffusers_format
 
-        if wan22:  # the Wan 2.2 layout: residual stages, 2x2 patchify (12 channels in and out), 4x16x16
-            model = AutoencoderKLWan(
-                base_dim=config.dim, decoder_base_dim=config.dec_dim, z_dim=config.z_dim,
-                dim_mult=list(config.dim_mult), num_res_blocks=config.num_res_blocks,
-                temperal_downsample=list(config.temperal_downsample), dropout=config.dropout,
-                latents_mean=list(config.latents_mean), latents_std=list(config.latents_std), is_residual=True,
-                in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4)
-            model.load_state_dict(diffusers_keys22(state_dict), strict=True)
-        else:
-            kwargs = {k: v for k, v in diffusers_format.vae_config(config).items() if not k.startswith("_")}
-            model = AutoencoderKLWan(**kwargs)
-            model.load_state_dict(wan_models.convert(state_dict, to="diffusers"), strict=True)
+        kwargs = {k: v for k, v in diffusers_format.vae_config(config).items() if not k.startswith("_")}
+        model = AutoencoderKLWan(**kwargs)  # for Wan 2.2: is_residual, 2x2 patchify, 4x16x16
+        model.load_state_dict(wan_models.convert(state_dict, to="diffusers"), strict=True)
         model = model.to(device, dtype).eval()
         if tiled:
             f = config.spatial_factor

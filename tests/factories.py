@@ -67,3 +67,22 @@ def load_tiny_pipeline(folder, dits, vae: str = "Wan2.1_VAE.pth"):
                                             tokenizer_config=ModelConfig(path=str(folder / T5_TOKENIZER)),
                                             local_model_path=str(folder / "nowhere"), skip_download=True,
                                             progress_bar_cmd=lambda x: x)
+
+
+def tiny_releases(tmp_path_factory, *names: str):
+    """A fresh models root holding the tiny release of each registry model in ``names``."""
+    from wan_runtime import tiny_release
+
+    root = tmp_path_factory.mktemp("models")
+    for name in names:
+        tiny_release.write_release(root, name)
+    return root
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Fresh non-zero random values in every tensor (diffusers zero-initialises some layers)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale)
+    return module.eval()

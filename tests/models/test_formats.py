@@ -20,7 +20,7 @@ from wan_models.formats import diffusers as diffusers_format
 from wan_models.loading import CheckpointError
 from wan_models.vae import VAEConfig, WanVAE
 
-from factories import TINY_DIT, dit_inputs, random_dit
+from factories import TINY_DIT, dit_inputs, random_dit, randomize
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -35,15 +35,6 @@ VARIANTS = {
     "flf2v": TINY.replace(in_dim=36, image_input=True, image_pos_emb=True, clip_dim=20),
     "vace": TINY.replace(num_layers=4, vace_layers=(0, 3), vace_in_dim=8),
 }
-
-
-def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    """Fresh non-zero random values in every tensor (diffusers zero-initialises some layers)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale)
-    return module.eval()
 
 
 def diffusers_dit(config: DiTConfig) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from wan_models.formats.diffusers_pipeline import PipelineFolder, read_pipeline,
 from wan_models.vae import VAEConfig, WanVAE
 from wan_models.vae22 import VAE22Config, WanVAE22
 
-from factories import TINY_DIT, random_weights
+from factories import TINY_DIT, random_weights, randomize
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -42,15 +42,6 @@ DITS = {
 }
 # The released stage layout (4 stages, 2 temporal downsamples) at tiny widths; z_dim stays 48.
 TINY_VAE22 = VAE22Config(dim=8, dec_dim=12, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
-
-
-def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    """Fresh non-zero random values in every tensor (diffusers zero-initialises some layers)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale)
-    return module.eval()
 
 
 def assert_close_rel(ours: torch.Tensor, theirs: torch.Tensor) -> None:

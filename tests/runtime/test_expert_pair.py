@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wan_models.configs import VAE22_FILE, VAE_FILE
-from wan_runtime import WanVideoPipeline, tiny_release
+from wan_models.configs import VAE22_FILE
+from wan_runtime import WanVideoPipeline
 from wan_runtime.memory import Accountant
 from wan_runtime.request import GenerationRequest
 from wan_runtime.step import StepPlan, expert_part, timestep_part
 
-from factories import load_tiny_pipeline, one_thread_fixture
+from factories import load_tiny_pipeline as load, one_thread_fixture, tiny_releases
 
 one_thread = one_thread_fixture("module")
 SIZE = dict(height=32, width=32, num_frames=5)
@@ -27,14 +27,9 @@ A14B, TI2V = "Wan2.2-T2V-A14B", "Wan2.2-TI2V-5B"
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    tiny_release.write_release(root, A14B)
-    tiny_release.write_release(root, TI2V)
-    return root
+    return tiny_releases(tmp_path_factory, A14B, TI2V)
 
 
-def load(folder: Path, dits: list[Path], vae: str = VAE_FILE) -> WanVideoPipeline:
-    return load_tiny_pipeline(folder, dits, vae)
 
 
 @pytest.fixture(scope="module")

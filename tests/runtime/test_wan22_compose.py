@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from wan_models.configs import VAE22_FILE, VAE_FILE
-from wan_runtime import WanVideoPipeline, tiny_release
+from wan_models.configs import VAE22_FILE
+from wan_runtime import WanVideoPipeline
 from wan_runtime.caching import TEACACHE_COEFFICIENTS, calibrate_magcache
 
-from factories import load_tiny_pipeline, one_thread_fixture
+from factories import load_tiny_pipeline as load, one_thread_fixture, tiny_releases
 
 one_thread = one_thread_fixture("module")
 SIZE = dict(height=32, width=32, num_frames=5)
@@ -24,14 +24,9 @@ STEPS, BOUNDARY = 10, 0.6
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    tiny_release.write_release(root, A14B)
-    tiny_release.write_release(root, TI2V)
-    return root
+    return tiny_releases(tmp_path_factory, A14B, TI2V)
 
 
-def load(folder: Path, dits: list[Path], vae: str = VAE_FILE) -> WanVideoPipeline:
-    return load_tiny_pipeline(folder, dits, vae)
 
 
 def load_pair(releases: Path) -> WanVideoPipeline:

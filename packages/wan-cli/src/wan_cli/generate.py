@@ -89,8 +89,7 @@ def default_settings(model: Optional[str]) -> tuple[Settings, str, Optional[str]
     if model is None:
         from wan_runtime.assets import DEFAULT_MODEL_SETTINGS as tiny
 
-        settings = dataclasses.replace(FALLBACK_SETTINGS, height=tiny["height"], width=tiny["width"],
-                                       frames=tiny["frames"], steps=tiny["steps"], cfg_scale=tiny["cfg_scale"])
+        settings = dataclasses.replace(FALLBACK_SETTINGS, **tiny)
         return settings, "the embedded tiny-shapes model", None
     if Path(model).is_dir():
         entry, candidates = folder_entry(Path(model))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,10 @@ from . import ops
 from .attention import AttentionFn, attention
 from .dit_config import DiTConfig
 from .dit_extras import CameraAdapter
-from .identity import Identity
 from .rope import rope_tables
+
+if TYPE_CHECKING:  # the loader sets WanDiT.identity; importing identity here would pull in the registry
+    from .identity import Identity
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -349,11 +351,11 @@ class WanDiT(nn.Module):
         t = sinusoid(timestep.reshape(-1), self.config.freq_dim)
         e = self.time_embedding(t.to(self.dtype)).float()
         e0 = self.time_projection(e.to(self.dtype)).float().unflatten(1, (6, self.config.dim))
-        if motion_embedding is not None:
-            motion = motion_embedding.float().unflatten(1, (6, self.config.dim))
-            e0 = e0 + (motion.repeat_interleave(timestep.shape[1], 0) if is_per_token(timestep) else motion)
         if is_per_token(timestep):
-            return e.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
+            e, e0 = e.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
+        if motion_embedding is not None:  # one offset per video, broadcast over the tokens (no copy per token)
+            motion = motion_embedding.float().unflatten(1, (6, self.config.dim))
+            e0 = e0 + (motion.unsqueeze(1) if is_per_token(timestep) else motion)
         return e, e0
 
     def embed_context(self, context: torch.Tensor, clip_feature: torch.Tensor | None) -> Context:

@@ -19,13 +19,13 @@ what was expected.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import config_json, configs
 from .configs import MODELS
 from .dit_config import DiTConfig
 from .errors import CheckpointError
@@ -33,7 +33,7 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 FAMILY_NAMES = {"wan2.1": "Wan 2.1", "wan2.2": "Wan 2.2"}
-EXPERT_FOLDERS = {"high_noise_model": "high", "low_noise_model": "low"}
+EXPERT_FOLDERS = dict(zip((folder.rstrip("/") for folder in configs.EXPERT_FOLDERS), ("high", "low")))
 DIFFUSERS_EXPERT_FOLDERS = {"transformer": "high", "transformer_2": "low"}
 _NAME_FAMILY = re.compile(r"wan[-_ ]?(2)[._]?([12])(?![0-9])")
 _NAME_EXPERT = re.compile(r"(high|low)[-_ ]?noise")
@@ -83,10 +83,9 @@ def _json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when there is none there (a broken file is reported by
     the reader that needs it, :mod:`wan_models.config_json`)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return config_json.read(path)
+    except CheckpointError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _diffusers_clue(folder: Path) -> _Clue | None:

@@ -76,9 +76,12 @@ def timestep_part(pipe: WanVideoPipeline, request: GenerationRequest, cond: Cond
     if scale is not None and tuple(scale.shape) != (1, tokens):
         raise ValueError(f"token_timestep_scale has shape {tuple(scale.shape)}; the DiT sees (1, {tokens}) tokens")
 
+    if scale is not None:
+        scale = scale.to(device=device, dtype=torch.float32)  # once, not every step
+
     def per_token(t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(1, 1).to(dtype=dtype, device=device).expand(1, tokens)
-        return t if scale is None else (scale.to(device=device, dtype=torch.float32) * t.float()).to(dtype)
+        return t if scale is None else (scale * t.float()).to(dtype)
 
     plan.timestep = per_token
 

@@ -130,7 +130,7 @@ def write_dit(folder: Path, config: DiTConfig, seed: int = 0, shards: int = 1) -
 def official_config_json(config: DiTConfig) -> dict[str, Any]:
     """The released ``config.json`` of a DiT (the official ``WanModel``/``VaceWanModel`` kwargs)."""
     if config.family == "wan2.2":
-        model_type = "ti2v" if config.fuses_image_latents else "i2v" if config.y_channels else "t2v"
+        model_type = config.variant.removeprefix("wan2.2-")
     else:
         model_type = ("vace" if config.vace_layers else "flf2v" if config.image_pos_emb
                       else "i2v" if config.image_input else "t2v")

@@ -30,10 +30,9 @@ from wan_models.configs import T5_FILE, T5_TOKENIZER
 from wan_runtime import WanVideoPipeline
 from wan_runtime.model_config import ModelConfig
 from wan_runtime.pipeline import SLOTS
-from wan_runtime.units import required_inputs
 from wan_runtime.request import GenerationRequest
 from wan_runtime.schedulers import FlowEulerScheduler
-from wan_runtime.units import Conditioning
+from wan_runtime.units import Conditioning, required_inputs
 from wan_runtime.units.image import video_pixels
 from wan_runtime.units.vace import reference_pixels
 

@@ -520,5 +520,5 @@ def manage_pipeline(pipe: "WanVideoPipeline", num_persistent_param_in_dit: int |
     for name in PIPELINE_NETWORKS:
         module = getattr(pipe, name)
         if module is not None:
-            manager.manage(name, module, num_persistent_param_in_dit if name in ("dit", "dit2") else None)
+            manager.manage(name, module, num_persistent_param_in_dit if name in EXPERTS else None)
     return manager
