@@ -1,0 +1,8 @@
+"""LoRA at inference: read a LoRA file in any common naming (:mod:`.parse`), merge it into a
+network's weights and subtract it again (:mod:`.merge`)."""
+
+from .merge import LoraMerge, LoraUpdate, merge_lora, unmerge_lora
+from .parse import PREFIXES, LoraSource, LowRank, ParsedLora, parse_lora
+
+__all__ = ["PREFIXES", "LoraMerge", "LoraSource", "LoraUpdate", "LowRank", "ParsedLora", "merge_lora",
+           "parse_lora", "unmerge_lora"]
