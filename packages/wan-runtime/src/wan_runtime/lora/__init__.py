@@ -6,3 +6,5 @@ from .parse import PREFIXES, LoraSource, LowRank, ParsedLora, parse_lora
 
 __all__ = ["PREFIXES", "LoraMerge", "LoraSource", "LoraUpdate", "LowRank", "ParsedLora", "merge_lora",
            "parse_lora", "unmerge_lora"]
+from .layouts import ARGS_KEY, BASE_KEY, LAYOUTS, export_lora, save_lora  # noqa: E402  (writing: helper X)
+__all__ += ["ARGS_KEY", "BASE_KEY", "LAYOUTS", "export_lora", "save_lora"]
