@@ -202,9 +202,9 @@ def test_unmatched_keys_raise_listing_them_and_the_closest_layers(pipe, tmp_path
     state = FORMATS["peft"].state_dict(lora)
     down, up, _ = lora.factors["blocks.0.self_attn.q"]
     bad = {"blocks.0.self_attn.qq.lora_A.weight": down.clone(), "blocks.0.self_attn.qq.lora_B.weight": up.clone(),
-           "lora_unet_blocks_7_ffn_0.lora_down.weight": down.clone(),
-           "lora_unet_blocks_7_ffn_0.lora_up.weight": up.clone(),
-           "blocks.0.norm9.diff_b": torch.ones(CONFIG.dim), "blocks.0.self_attn.q.dora_scale": torch.ones(1)}
+           "lora_unet_blocks_1_ffn_9.lora_down.weight": down.clone(),
+           "lora_unet_blocks_1_ffn_9.lora_up.weight": up.clone(),
+           "blocks.0.norm9.diff_b": torch.ones(CONFIG.dim), "blocks.0.self_attn.q.hada_w1_a": torch.ones(1)}
     path = tmp_path / "bad.safetensors"
     save_file({**state, **bad}, path)
     original = copy.deepcopy(pipe.dit)
