@@ -17,7 +17,8 @@ diffusers  ``transformer.<diffusers layer>.lora_A.weight`` / ``.lora_B.weight`` 
            header as diffusers itself saves it (diffusers 0.42.1 ``LoraBaseMixin.write_lora_layers``:
            peft ``LoraConfig`` fields prefixed ``transformer.``, JSON with sorted keys). A
            ``.diff_b`` becomes ``lora_B.bias`` (peft's ``lora_bias``; peft scales it like the
-           product, so it is stored divided by the layer's scale). diffusers cannot hold other deltas.
+           product, so it is stored divided by the layer's scale; layers without one get zeros). diffusers
+           cannot hold other deltas.
 comfy      ``diffusion_model.<layer>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and
            ``.diff`` / ``.diff_b``: the names ComfyUI's loader maps for a WAN model
            (Comfy-Org/ComfyUI ``comfy/lora.py`` at 17358c8f, ``model_lora_keys_unet``: every
@@ -101,8 +102,8 @@ def _split(state: Mapping[str, torch.Tensor], alpha: float | None) -> tuple[dict
             layer_alpha = float(found["alpha"])
         else:
             layer_alpha = float(down.shape[0]) if alpha is None else float(alpha)
-        if not math.isfinite(layer_alpha) or layer_alpha == 0:
-            raise ValueError(f"{target}: alpha {layer_alpha} must be a finite non-zero number")
+        if not math.isfinite(layer_alpha) or layer_alpha <= 0:
+            raise ValueError(f"{target}: alpha {layer_alpha} must be a finite positive number")
         layers[target] = _Layer(down, up, layer_alpha)
     return layers, deltas
 
@@ -142,9 +143,12 @@ def _diffusers(layers: Mapping[str, _Layer], deltas: Mapping[str, torch.Tensor]
     for layer, name in names.items():
         out[f"{DIFFUSERS_PREFIX}{name}.lora_A.weight"] = layers[layer].down
         out[f"{DIFFUSERS_PREFIX}{name}.lora_B.weight"] = layers[layer].up
-    for key, tensor in deltas.items():  # peft multiplies lora_B's bias by the layer's scale
-        layer = layers[key.removesuffix(".diff_b")]
-        out[f"{DIFFUSERS_PREFIX}{names[key.removesuffix('.diff_b')]}.lora_B.bias"] = tensor / (layer.alpha / layer.rank)
+    if deltas:  # peft's lora_bias gives every target a bias: zero where the LoRA has none (no missing keys)
+        for layer, name in names.items():
+            bias = deltas.get(f"{layer}.diff_b")
+            scale = layers[layer].alpha / layers[layer].rank  # peft multiplies lora_B's bias by it too
+            out[f"{DIFFUSERS_PREFIX}{name}.lora_B.bias"] = bias / scale if bias is not None else \
+                layers[layer].up.new_zeros(layers[layer].up.shape[0])
     ranks = Counter(layer.rank for layer in layers.values())
     alphas = Counter(layer.alpha for layer in layers.values())
     r = ranks.most_common(1)[0][0] if ranks else 1
@@ -175,8 +179,8 @@ def export_lora(state: Mapping[str, torch.Tensor], layout: str, *, alpha: float 
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
-    if alpha is not None and (not math.isfinite(float(alpha)) or float(alpha) == 0):
-        raise ValueError(f"alpha {alpha!r} must be a finite non-zero number (or None for alpha = rank)")
+    if alpha is not None and (not math.isfinite(float(alpha)) or float(alpha) <= 0):
+        raise ValueError(f"alpha {alpha!r} must be a finite positive number (or None for alpha = rank)")
     if not state:
         raise ValueError("the LoRA state dict is empty")
     layers, deltas = _split(state, alpha)
