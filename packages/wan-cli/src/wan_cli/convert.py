@@ -86,9 +86,35 @@ def _convert_release(source: Path, target: Path, boundary_ratio: float | None) -
                f"transformer_2/ = {EXPERT_FOLDERS[1]}, vae/ = {vae_file.name}, boundary_ratio {boundary_ratio})")
 
 
+def _is_lora_file(source: Path) -> bool:
+    import wan_models
+
+    from .lora_files import is_lora_state
+
+    return is_lora_state(list(wan_models.read_state_dict(source)))
+
+
+def _convert_lora(source: Path, target: Path, to: str) -> None:
+    """A LoRA file -> the same LoRA in layout ``to`` (always one .safetensors file), same strength."""
+    from safetensors import SafetensorError
+
+    from .lora_files import convert_lora
+
+    if target.suffix != ".safetensors":
+        raise typer.BadParameter(f"{target} must end in .safetensors (a LoRA is one file in every layout)",
+                                 param_hint="TARGET")
+    try:
+        summary = convert_lora(source, target, to)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="SOURCE") from None
+    except (SafetensorError, OSError) as e:
+        raise _write_error(target, e) from None
+    typer.echo(f"wrote {target} ({to} LoRA: {summary})")
+
+
 def convert(
-    source: Path = typer.Argument(..., help="Checkpoint file, shard folder, diffusers folder, or a released "
-                                            "Wan2.2-A14B folder (with --to diffusers)."),
+    source: Path = typer.Argument(..., help="Checkpoint file, shard folder, diffusers folder, a released "
+                                            "Wan2.2-A14B folder (with --to diffusers), or a LoRA file."),
     target: Path = typer.Argument(..., help="Output .safetensors file (official, comfy) or folder (diffusers)."),
     to: str = typer.Option(..., "--to", help=f"Target layout: {', '.join(FORMATS)}."),
     boundary_ratio: float = typer.Option(None, "--boundary-ratio", min=0.0, max=1.0,
@@ -101,6 +127,9 @@ def convert(
     Wan 2.2 VAE's config says ``is_residual``).
     A released Wan2.2-A14B folder (``high_noise_model/``, ``low_noise_model/``, the VAE file) becomes
     a diffusers pipeline folder with ``model_index.json``; its ``--boundary-ratio`` must be given.
+    A LoRA file becomes one ``.safetensors`` file in the layout asked for (``official``: release names with
+    ``lora_A``/``lora_B``; ``diffusers``; ``comfy``), at the same strength, with its ``wan.base`` /
+    ``wan.training_args`` header kept.
     A failed write (e.g. a full disk) leaves no partial file or folder behind.
     """
     if to not in FORMATS:
@@ -111,6 +140,9 @@ def convert(
                                      f"(convert {EXPERT_FOLDERS[0]}/ and {EXPERT_FOLDERS[1]}/ one at a time)",
                                      param_hint="--to")
         _convert_release(source, target, boundary_ratio)
+        return
+    if source.is_file() and _is_lora_file(source):
+        _convert_lora(source, target, to)
         return
     if to != "diffusers" and target.suffix != ".safetensors":
         raise typer.BadParameter(f"{target} must end in .safetensors", param_hint="TARGET")

@@ -9,15 +9,21 @@ from pathlib import Path
 import typer
 
 
-def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder or diffusers folder.")) -> None:
-    """Describe a checkpoint: how it is stored, which network and sizes it holds, and NaN/inf weights."""
+def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder, diffusers folder or LoRA file.")) -> None:
+    """Describe a checkpoint: how it is stored, which network and sizes it holds, and NaN/inf weights;
+    or a LoRA file: its layout, layers, ranks and scale, the DiT sizes it fits and what it was trained for."""
     import torch
 
     import wan_models
     from wan_models import integrity
     from wan_models.loading import read_checkpoint
 
+    from .lora_files import describe_lora, is_lora_state
+
     stored = wan_models.read_state_dict(path)
+    if path.is_file() and is_lora_state(list(stored)):
+        describe_lora(path, stored, typer.echo)
+        return
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in stored.values())
     ckpt = read_checkpoint(path)
     with torch.device("meta"):
