@@ -144,24 +144,27 @@ def test_dora_merges_as_peft_computes_it_and_unmerges_exactly(tmp_path):
         torch.testing.assert_close(value, original.state_dict()[key], atol=1e-6, rtol=1e-6)
 
 
-def test_kohya_dora_scale_per_input_channel_and_strength():
-    """LyCORIS' default: one magnitude per input channel; strength a blends W + a (W_dora - W)."""
+@pytest.mark.parametrize("layer", ["blocks.0.ffn.0", "blocks.0.self_attn.q"])  # [48, 32] and square [32, 32]
+def test_kohya_dora_scale_per_input_channel_and_strength(layer):
+    """LyCORIS' default: a [1, in] magnitude, one per input channel; strength a blends W + a (W_dora - W)."""
     dit = random_dit(TINY_DIT, seed=7)
-    weight = dit.blocks[0].ffn[0].weight.detach().clone()  # [48, 32]: not square, so the axis is clear
+    param = dit.get_parameter(f"{layer}.weight")
+    weight = param.detach().clone()
     gen = torch.Generator().manual_seed(8)
-    down, up = torch.randn(2, 32, generator=gen), torch.randn(48, 2, generator=gen)
+    down, up = torch.randn(2, 32, generator=gen), torch.randn(weight.shape[0], 2, generator=gen)
     magnitude = torch.rand(1, 32, generator=gen) + 0.5
-    state = {"lora_unet_blocks_0_ffn_0.lora_down.weight": down, "lora_unet_blocks_0_ffn_0.lora_up.weight": up,
-             "lora_unet_blocks_0_ffn_0.alpha": torch.tensor(1.0), "lora_unet_blocks_0_ffn_0.dora_scale": magnitude}
+    name = "lora_unet_" + layer.replace(".", "_")
+    state = {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0),
+             f"{name}.dora_scale": magnitude}
     combined = weight + 0.5 * up @ down
     dora = combined * magnitude / combined.norm(dim=0, keepdim=True)
     expected = weight + 0.6 * (dora - weight)
 
     merge = merge_lora(dit, state, alpha=0.6)
 
-    torch.testing.assert_close(dit.blocks[0].ffn[0].weight.detach(), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(param.detach(), expected, atol=1e-6, rtol=1e-5)
     unmerge_lora(dit, merge)
-    torch.testing.assert_close(dit.blocks[0].ffn[0].weight.detach(), weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(param.detach(), weight, atol=1e-6, rtol=1e-6)
 
 
 def test_a_dora_merge_fixes_the_unmerge_order():
@@ -242,8 +245,9 @@ def test_our_exports_and_trainer_header_merge_at_their_scale(tmp_path, layout):
     dit = random_dit(TINY_DIT, seed=14)
     low_rank = factors(15, {name: SHAPES[name] for name in ("blocks.0.self_attn.q", "blocks.0.ffn.2")}, rank=4)
     state = {f"{name}.{part}.weight": t for name, (a, b) in low_rank.items() for part, t in (("lora_A", a), ("lora_B", b))}
-    path = save_lora(tmp_path / "x.safetensors", state, layout, alpha=6.0)
-    expected = by_hand(dit, low_rank, {name: 6.0 / 4 for name in low_rank}, {})
+    bias = torch.randn(32, generator=torch.Generator().manual_seed(16))  # diffusers: lora_B.bias / scale
+    path = save_lora(tmp_path / "x.safetensors", {**state, "blocks.0.ffn.2.diff_b": bias}, layout, alpha=6.0)
+    expected = by_hand(dit, low_rank, {name: 6.0 / 4 for name in low_rank}, {"blocks.0.ffn.2.bias": bias})
 
     merge_lora(dit, path)
     assert max_diff(dit, expected) < 1e-6

@@ -252,16 +252,18 @@ def _fits(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> bool:
 
 
 def _magnitude(source: str, key: str, magnitude: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, bool]:
-    """A DoRA magnitude and whether it is per input channel: ``[out]`` / ``[out, 1...]`` is one per
-    output row (peft, and kohya's ``dora_scale`` on the output axis), ``[1, in, 1...]`` one per input
-    channel (LyCORIS' default); peft's conv magnitude ``[1, out, 1...]`` is per output row too."""
-    if key.endswith("dora_scale") and magnitude.ndim >= 2 and magnitude.shape[0] == 1 \
-            and magnitude.shape[1] == shape[1] and magnitude.numel() == shape[1] and magnitude.shape[1] != shape[0]:
-        return magnitude.reshape(-1), True
-    if magnitude.numel() == shape[0]:
+    """A DoRA magnitude and whether it is per input channel. peft's ``lora_magnitude_vector`` is one
+    value per output row (``[out]``, ``[1, out, 1...]`` for a conv); a ``dora_scale`` is on the
+    output axis when its first length is the weight's (ComfyUI's rule), else one per input channel
+    (``[1, in]``, LyCORIS' default)."""
+    if key.endswith("dora_scale") and magnitude.shape[0] != shape[0]:
+        if magnitude.numel() == shape[1]:
+            return magnitude.reshape(-1), True
+    elif magnitude.numel() == shape[0]:
         return magnitude.reshape(-1), False
     raise ValueError(f"{source}: DoRA magnitude {key!r} has shape {tuple(magnitude.shape)}; the layer's weight "
-                     f"{tuple(shape)} needs {shape[0]} values (one per output row)")
+                     f"{tuple(shape)} needs one value per output row ({shape[0]}) or, as a dora_scale, "
+                     f"[1, {shape[1]}] (one per input channel)")
 
 
 def _check_size(parsed: ParsedLora, state: Mapping[str, torch.Tensor], module: nn.Module, misfits: list[str]) -> None:
