@@ -153,7 +153,8 @@ def comfy_apply(dit: torch.nn.Module, lora: dict[str, torch.Tensor]) -> dict[str
             up, down = lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"]
             scale = alpha / down.shape[0] if alpha is not None else 1.0
             weights[target] += scale * (up.flatten(1) @ down.flatten(1)).reshape(weights[target].shape)
-            loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"} | ({f"{x}.alpha"} if alpha is not None else set())
+            loaded |= {f"{x}.lora_up.weight", f"{x}.lora_down.weight"}
+            loaded |= {f"{x}.alpha"} if alpha is not None else set()
         if f"{x}.diff" in lora:
             weights[target] += lora[f"{x}.diff"]
             loaded.add(f"{x}.diff")

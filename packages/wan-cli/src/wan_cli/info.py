@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 
 
-def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder, diffusers folder or LoRA file.")) -> None:
+def info(path: Path = typer.Argument(..., help="A checkpoint file, shard folder, diffusers folder or LoRA file.")
+         ) -> None:
     """Describe a checkpoint: how it is stored, which network and sizes it holds, and NaN/inf weights;
     or a LoRA file: its layout, layers, ranks and scale, the DiT sizes it fits and what it was trained for."""
     import torch

@@ -151,8 +151,9 @@ def meta_dit(shape: LoraShape, source: Path) -> torch.nn.Module:
 
     if "dim" not in shape.sizes:
         raise ValueError(f"{source}: cannot tell the DiT size: the LoRA has no attention or FFN layer of a Wan DiT")
-    config = DiTConfig(num_heads=1, num_layers=max(shape.num_layers, 1), image_input=shape.image,
-                       vace_layers=tuple(range(len(shape.vace_blocks))), **shape.sizes)
+    vace = len(shape.vace_blocks)
+    config = DiTConfig(num_heads=1, num_layers=max(shape.num_layers, vace, 1), image_input=shape.image,
+                       vace_layers=tuple(range(vace)), **shape.sizes)
     with torch.device("meta"):
         return WanDiT(config)
 
@@ -289,7 +290,8 @@ def convert_lora(source: Path, target: Path, to: str) -> str:
         raise ValueError(f"{source}: {len(shape.unknown)} keys name no Wan DiT layer: {', '.join(shape.unknown[:8])}")
     parsed = parse_lora(source, meta_dit(shape, source))
     if parsed.unmatched:
-        raise ValueError(f"{source}: keys match no layer of the DiT the file implies: {', '.join(parsed.unmatched[:8])}")
+        raise ValueError(f"{source}: keys match no layer of the DiT the file implies: "
+                         f"{', '.join(parsed.unmatched[:8])}")
     state: dict[str, torch.Tensor] = {}
     for name, lr in parsed.low_rank.items():
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = lr.down, lr.up
