@@ -135,18 +135,71 @@ def _sliding_window(value: Optional[str]) -> tuple[Optional[int], Optional[int]]
     return size, stride
 
 
-def _lora(value: str) -> tuple[Path, float]:
-    """``PATH[:ALPHA]`` -> (path, alpha); the path must exist."""
-    path, _, alpha = value.rpartition(":") if ":" in value else (value, "", "")
+LORA_FORM = "PATH[:ALPHA][@high|@low]"
+
+
+def _lora_file(text: str, value: str) -> Optional[tuple[Path, float]]:
+    """``text`` as an existing ``PATH`` or ``PATH:ALPHA`` (None when no file is named); ``value`` is the
+    whole flag value, for the message."""
+    if Path(text).is_file():
+        return Path(text), 1.0
+    path, colon, alpha = text.rpartition(":")
+    if not colon or not Path(path).is_file():
+        return None
     try:
-        strength = float(alpha) if alpha else 1.0
+        strength = float(alpha)
     except ValueError:
-        path, strength = value, 1.0
+        raise typer.BadParameter(f"{value!r}: the strength {alpha!r} is not a number (expected {LORA_FORM})",
+                                 param_hint="--lora") from None
     if not math.isfinite(strength):
         raise typer.BadParameter(f"{value!r}: the strength {alpha} is not a finite number", param_hint="--lora")
-    if not Path(path).is_file():
-        raise typer.BadParameter(f"no LoRA file {path!r} (expected PATH[:ALPHA])", param_hint="--lora")
     return Path(path), strength
+
+
+def _lora(value: str) -> tuple[Path, float, Optional[str]]:
+    """``PATH[:ALPHA][@high|@low]`` -> (path, strength, expert or None), read from the right so that a path
+    holding ':' or '@' still works; the file must exist."""
+    from wan_runtime.presets import EXPERTS
+
+    if Path(value).is_file():
+        return Path(value), 1.0, None
+    head, at, suffix = value.rpartition("@")
+    if at and suffix in EXPERTS:
+        found = _lora_file(head, value)
+        if found is not None:
+            return (*found, suffix)
+    found = _lora_file(value, value)
+    if found is not None:
+        return (*found, None)
+    if at and suffix not in EXPERTS and "/" not in suffix and "\\" not in suffix:
+        raise typer.BadParameter(f"{value!r}: '@{suffix}' names no expert; expected {LORA_FORM} (an expert "
+                                 "pair's high-noise or low-noise DiT)", param_hint="--lora")
+    raise typer.BadParameter(f"no LoRA file in {value!r} (expected {LORA_FORM}, PATH an existing file)",
+                             param_hint="--lora")
+
+
+def _check_lora_experts(loras: list[tuple[Path, float, Optional[str]]], values: list[str], pair: bool,
+                        model: str) -> None:
+    """An expert suffix needs a Wan 2.2 expert pair: refused on a single DiT, naming the flag value."""
+    if pair:
+        return
+    named = [value for value, (_, _, expert) in zip(values, loras) if expert is not None]
+    if named:
+        raise typer.BadParameter(f"{', '.join(map(repr, named))}: {model} has one DiT, not a Wan 2.2 expert pair; "
+                                 "drop the @high/@low suffix", param_hint="--lora")
+
+
+def _apply_preset(name: str, entry: Optional[str], defaults: Settings):
+    """The preset ``name`` of registry entry ``entry`` and the defaults it sets (guidance 1 on every DiT)."""
+    from wan_runtime.presets import get_preset
+
+    try:
+        preset = get_preset(entry, name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--preset") from None
+    pair = defaults.switch_boundary is not None
+    return preset, dataclasses.replace(defaults, steps=preset.steps, sigma_shift=preset.shift, cfg_scale=1.0,
+                                       sampler=preset.sampler, cfg_scale_2=1.0 if pair else None)
 
 
 def generate(
@@ -202,7 +255,11 @@ def generate(
     fp8: bool = typer.Option(False, "--fp8", help="Store the DiT blocks' linear weights in FP8 (wan-kernels)."),
     compile: bool = typer.Option(False, "--compile",  # named as the flag: --config keys are parameter names
                                  help="torch.compile each DiT block (the first step pays the compile time)."),
-    lora: list[str] = typer.Option([], "--lora", help="LoRA file to merge into the DiT, PATH[:ALPHA]; repeatable."),
+    lora: list[str] = typer.Option([], "--lora", help=f"LoRA file to merge, {LORA_FORM}: into both experts of a Wan "
+                                                      "2.2 pair unless @high or @low names one; repeatable."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Few-step settings of a distilled LoRA for --model "
+                                         "(e.g. lightning: 4 steps, cfg 1, its LoRA files fetched unless --lora is "
+                                         "given; docs/lora.md); flags given win."),
     teacache: Optional[float] = typer.Option(None, "--teacache", callback=finite, min=0.0,
                                              help="TeaCache threshold (e.g. 0.05 to 0.2): skip near-duplicate steps."),
     teacache_model: Optional[str] = typer.Option(None, "--teacache-model",
@@ -231,6 +288,10 @@ def generate(
     Sampling flags not given take the model's registry settings (``wan_models.MODELS[name].sampling``).
     """
     defaults, settings_source, entry = default_settings(model)
+    few_step = None
+    if preset is not None:
+        few_step, defaults = _apply_preset(preset, entry, defaults)
+        settings_source += f" with the preset {few_step.name} ({few_step.source})"
     if model is None:
         from wan_runtime.assets import default_model_dir
 
@@ -242,6 +303,13 @@ def generate(
     settings = dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
     height, width, frames, fps, steps = settings.height, settings.width, settings.frames, settings.fps, settings.steps
     sigma_shift, cfg_scale, sampler = settings.sigma_shift, settings.cfg_scale, settings.sampler
+    step_list = None
+    if few_step is not None:  # its timesteps, unless --steps or --sampler asked for another schedule
+        if steps == len(few_step.step_list) and sampler == "euler":
+            step_list = few_step.step_list
+        else:
+            typer.echo(f"the preset's timesteps {list(few_step.step_list)} are not used: {steps} {sampler} steps "
+                       "were asked for", err=True)
     if camera_direction is not None and camera_direction not in CAMERA_DIRECTIONS:
         raise typer.BadParameter(f"{camera_direction!r} is not one of {', '.join(CAMERA_DIRECTIONS)}",
                                  param_hint="--camera-direction")
@@ -261,6 +329,10 @@ def generate(
         raise typer.BadParameter(str(e), param_hint="--output" if isinstance(e, OSError) else "--device") from None
     window_size, window_stride = _sliding_window(sliding_window)
     loras = [_lora(value) for value in lora]
+    if entry is not None:  # a registry entry says whether the model is an expert pair: refuse before loading
+        import wan_models
+
+        _check_lora_experts(loras, lora, bool(wan_models.MODELS[entry].experts), entry)
     if teacache is not None:
         from wan_runtime.caching import TEACACHE_COEFFICIENTS
 
@@ -275,6 +347,7 @@ def generate(
     from tqdm import tqdm
 
     from wan_runtime import WanVideoPipeline
+    from wan_runtime.presets import expert_module
     from wan_runtime.video_io import load_image, load_video, save_video
 
     from .model_source import resolve_model
@@ -289,6 +362,13 @@ def generate(
         source = resolve_model(model)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
+    if few_step is not None and not loras:
+        from wan_runtime.presets import fetch_loras
+
+        loras = fetch_loras(few_step, models_dir)
+        typer.echo(f"preset {few_step.name}: " + ", ".join(f"{path} at {strength:g}"
+                                                           + (f" on the {expert}-noise expert" if expert else "")
+                                                           for path, strength, expert in loras), err=True)
     named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
     typer.echo(f"settings from {settings_source}: {settings.describe()}"
                + (f"; from the command line: {', '.join(named)}" if named else ""), err=True)
@@ -306,7 +386,8 @@ def generate(
             camera_control_direction=camera_direction, camera_control_speed=camera_speed, vace_scale=vace_scale,
             seed=seed, height=height, width=width, num_frames=frames, cfg_scale=cfg_scale,
             cfg_scale_2=settings.cfg_scale_2, switch_DiT_boundary=settings.switch_boundary,
-            num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, motion_bucket_id=motion_bucket_id,
+            num_inference_steps=steps, sigma_shift=sigma_shift, sampler=sampler, denoising_step_list=step_list,
+            motion_bucket_id=motion_bucket_id,
             tiled=tiled, sliding_window_size=window_size, sliding_window_stride=window_stride,
             tea_cache_l1_thresh=teacache, tea_cache_model_id=teacache_model or "", step_cache=step_cache,
             step_cache_options=cache_options)
@@ -331,8 +412,11 @@ def generate(
                                                 local_model_path=str(models_dir), use_usp=usp,
                                                 attention_backend=attention,
                                                 progress_bar_cmd=bar("load", "file"))
-        for path, strength in loras:
-            pipe.load_lora(pipe.dit, path, alpha=strength)
+        if loras:
+            _check_lora_experts(loras, lora or [str(path) for path, _, _ in loras], pipe.dit2 is not None, model)
+        for path, strength, expert in loras:
+            for dit in expert_module(pipe, expert, str(path)):  # no suffix: every loaded DiT
+                pipe.load_lora(dit, path, alpha=strength)
         if fp8:
             pipe.quantize_fp8()
         if offload:

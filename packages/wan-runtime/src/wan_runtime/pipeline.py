@@ -307,7 +307,7 @@ class WanVideoPipeline:
         self.scheduler = make_scheduler(request.sampler, shift=request.sigma_shift)
         if request.sampler == "euler":
             self.scheduler.set_timesteps(request.num_inference_steps, denoising_strength=request.denoising_strength,
-                                         shift=request.sigma_shift)
+                                         shift=request.sigma_shift, step_list=request.denoising_step_list)
         elif request.denoising_strength != 1.0:
             raise ValueError(f"denoising_strength={request.denoising_strength} (video-to-video) needs "
                              f"sampler='euler'; {request.sampler!r} always starts from pure noise")

@@ -55,6 +55,9 @@ class GenerationRequest:
     num_inference_steps: int = 50
     sigma_shift: float = 5.0
     sampler: str = "euler"
+    # LightX2V's denoising_step_list: timesteps on the unshifted 1000-step grid, each step's sigma being
+    # sigma_shift applied to t/1000 (the few-step LoRAs' published schedules; euler only; None: evenly spaced)
+    denoising_step_list: Sequence[float] | None = None
     motion_bucket_id: int | None = None
     tiled: bool = True
     tile_size: tuple[int, int] = (30, 52)
@@ -148,12 +151,40 @@ class GenerationRequest:
             if self.sliding_window_stride > self.sliding_window_size:
                 raise ValueError(f"sliding_window_stride {self.sliding_window_stride} exceeds "
                                  f"sliding_window_size {self.sliding_window_size}")
+        if self.denoising_step_list is not None:
+            self._check_step_list()
         if self.mag_cache_thresh is not None and self.mag_cache_ratios is None:
             raise ValueError("mag_cache_thresh needs mag_cache_ratios from "
                              "wan_runtime.caching.calibrate_magcache(pipe, ...) for this model")
         cache = requested_step_cache(self)  # unknown name, bad options, two caches: a ValueError naming them
         if cache is not None and self.sliding_window_size is not None:
             raise ValueError(f"step caches ({cache[2]}) and sliding windows cannot be combined")
+
+    def _check_step_list(self) -> None:
+        """A published step list: strictly decreasing numbers in (0, 1000], one per step, with the Euler
+        sampler from pure noise; stored as a tuple of floats."""
+        given = self.denoising_step_list
+        try:
+            steps = [] if isinstance(given, (str, bytes)) else list(given)
+        except TypeError:
+            steps = []
+        if not steps:
+            raise ValueError(f"denoising_step_list must be a non-empty list of timesteps in (0, 1000], got {given!r}")
+        values = tuple(finite_number(f"denoising_step_list[{i}]", t, low=0.0, high=1000.0, low_open=True)
+                       for i, t in enumerate(steps))
+        for i in range(1, len(values)):
+            if values[i] >= values[i - 1]:
+                raise ValueError(f"denoising_step_list must be strictly decreasing: denoising_step_list[{i}]="
+                                 f"{steps[i]!r} follows {steps[i - 1]!r} in {steps!r}")
+        if self.num_inference_steps != len(values):
+            raise ValueError(f"num_inference_steps={self.num_inference_steps} but denoising_step_list has "
+                             f"{len(values)} timesteps {steps!r}; pass num_inference_steps={len(values)}")
+        if self.sampler != "euler":
+            raise ValueError(f"denoising_step_list needs sampler='euler', got sampler={self.sampler!r}")
+        if self.denoising_strength != 1.0:
+            raise ValueError(f"denoising_step_list starts from pure noise; it does not combine with "
+                             f"denoising_strength={self.denoising_strength}")
+        self.denoising_step_list = values
 
     def _round_shape(self, spatial: int, temporal: int) -> None:
         """Sizes the VAE and the DiT's patches divide exactly, rounded up with a warning."""

@@ -9,6 +9,7 @@ serves training (noising, velocity target, timestep loss weights).
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import torch
 
@@ -36,18 +37,25 @@ class FlowEulerScheduler:
         denoising_strength: float = 1.0,
         shift: float | None = None,
         training: bool = False,
+        step_list: Sequence[float] | None = None,
     ) -> None:
         """Build the schedule of one generation (or, with ``training=True``, the training schedule).
 
         ``denoising_strength < 1`` starts at a lower noise level (video-to-video). ``training`` also
-        computes the per-timestep loss weights that :meth:`training_weight` returns.
+        computes the per-timestep loss weights that :meth:`training_weight` returns. ``step_list``
+        replaces the evenly spaced points with published ones (LightX2V's ``denoising_step_list``):
+        timesteps in (0, 1000] on the unshifted grid, strictly decreasing, one per step, each
+        becoming the sigma ``shift(t / 1000)``; it starts from pure noise.
         """
         steps = check_steps(num_inference_steps)
         if not 0.0 <= denoising_strength <= 1.0:
             raise ValueError(f"denoising_strength must be in [0, 1], got {denoising_strength!r}")
         shift = self.shift if shift is None else check_shift(shift)
 
-        sigmas = torch.linspace(float(denoising_strength), 0.0, steps + 1)[:-1]
+        if step_list is None:
+            sigmas = torch.linspace(float(denoising_strength), 0.0, steps + 1)[:-1]
+        else:
+            sigmas = self._listed_sigmas(step_list, steps, denoising_strength)
         sigmas = shift_sigmas(sigmas, shift)
         self.timesteps = sigmas * self.num_train_timesteps
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
@@ -59,6 +67,21 @@ class FlowEulerScheduler:
             self._training_weights = self._loss_weights(self.timesteps, steps)
         logger.debug("euler schedule: %d steps, shift %g, strength %g, training %s",
                      steps, shift, denoising_strength, training)
+
+    def _listed_sigmas(self, step_list: Sequence[float], steps: int, denoising_strength: float) -> torch.Tensor:
+        """The unshifted sigmas ``t / num_train_timesteps`` of a published step list, checked."""
+        values = [float(t) for t in step_list]
+        if len(values) != steps:
+            raise ValueError(f"step_list {list(step_list)!r} has {len(values)} timesteps for {steps} steps")
+        if denoising_strength != 1.0:
+            raise ValueError(f"step_list starts from pure noise; denoising_strength={denoising_strength} does "
+                             "not combine with it")
+        top = self.num_train_timesteps
+        for i, t in enumerate(values):
+            if not 0.0 < t <= top or (i and t >= values[i - 1]):
+                raise ValueError(f"step_list[{i}]={step_list[i]!r}: the list must be strictly decreasing "
+                                 f"timesteps in (0, {top}], got {list(step_list)!r}")
+        return torch.tensor(values, dtype=torch.float32) / top
 
     @staticmethod
     def _loss_weights(timesteps: torch.Tensor, steps: int) -> torch.Tensor:
