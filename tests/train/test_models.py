@@ -21,8 +21,10 @@ from wan_train import VideoDataset, WanTrainingModule, load_pipeline, parse_args
 
 from train.support import model_paths, train_argv, write_csv
 
-LORA_KEY = re.compile(r"blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])\.lora_[AB]\.weight")
-VACE_LORA_KEY = re.compile(r"vace_blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])\.lora_[AB]\.weight")
+# LoRA factors, and each layer's alpha as a scalar (the official layout of wan_runtime.lora.layouts)
+LAYER_PART = r"\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])\.(lora_[AB]\.weight|alpha)"
+LORA_KEY = re.compile(r"blocks" + LAYER_PART)
+VACE_LORA_KEY = re.compile(r"vace_blocks" + LAYER_PART)
 FILE_COLUMNS = "video,control_video,reference_image,vace_video,vace_reference_image"
 
 # family: (registry model, training flags as in the seed's script, --extra_inputs)

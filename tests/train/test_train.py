@@ -75,7 +75,8 @@ def test_lora_overfits_saves_and_loads(release: Path, dataset: Path, tmp_path: P
     saved = load_file(result.checkpoints[-1])
     assert result.checkpoints[-1].name == "epoch-0.safetensors"
     expected = {f"blocks.{i}.{layer}.lora_{part}.weight" for i in range(2) for layer in LORA_LAYERS for part in "AB"}
-    assert set(saved) == expected
+    assert set(saved) == expected | {f"blocks.{i}.{layer}.alpha" for i in range(2) for layer in LORA_LAYERS}
+    assert all(saved[f"blocks.{i}.{layer}.alpha"].item() == 8 for i in range(2) for layer in LORA_LAYERS)
     assert saved["blocks.0.self_attn.q.lora_A.weight"].shape == (8, 32)
 
     # The pipeline loads the file: its output changes, and its merged DiT computes what training trained.

@@ -18,8 +18,8 @@ import torch
 from wan_runtime.model_config import ModelConfig
 
 __all__ = [
-    "DTYPES", "EXTRA_INPUTS", "LORA_BASE_MODELS", "TRAINABLE_MODELS", "TrainingError",
-    "build_parser", "check_args", "model_configs", "parse_args", "split_list",
+    "DTYPES", "EXPERTS", "EXTRA_INPUTS", "LORA_BASE_MODELS", "LORA_FORMATS", "TRAINABLE_MODELS", "TrainingError",
+    "build_parser", "check_args", "model_configs", "parse_args", "schedule_index", "split_list",
 ]
 
 # Networks whose weights can be trained. "vace" is the VACE part of a VACE DiT (its vace_* modules):
@@ -34,6 +34,9 @@ IMAGE_INPUTS = ("reference_image", "vace_reference_image")
 NUMBER_INPUTS = {"camera_control_speed": float, "vace_scale": float, "motion_bucket_id": int}
 TEXT_INPUTS = ("camera_control_direction",)
 EXTRA_INPUTS = ("input_image", "end_image", *FRAMES_INPUTS, *IMAGE_INPUTS, *NUMBER_INPUTS, *TEXT_INPUTS)
+
+EXPERTS = ("high", "low")  # the noise experts of a Wan 2.2 A14B pair
+LORA_FORMATS = ("official", "diffusers", "comfy")  # as wan_runtime.lora.layouts.LAYOUTS and `wan convert --to`
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -99,12 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Keep the activations saved by gradient checkpointing in CPU memory.")
     seed.add_argument("--gradient_accumulation_steps", type=int, default=1,
                       help="Micro-batches (one sample per process each) averaged into one optimizer step.")
-    seed.add_argument("--max_timestep_boundary", type=float, default=1.0,
-                      help="Upper end (0..1) of the part of the 1000-step schedule timesteps are drawn from.")
-    seed.add_argument("--min_timestep_boundary", type=float, default=0.0,
-                      help="Lower end (0..1) of the part of the 1000-step schedule timesteps are drawn from.")
+    seed.add_argument("--max_timestep_boundary", type=float, default=None,
+                      help="Upper end (0..1, default 1) of the part of the 1000-step schedule timesteps are drawn "
+                           "from, as a fraction of the schedule INDEX (index 0 is t=1000): the Wan2.2-T2V-A14B "
+                           "high-noise expert (t >= 875) is 0.417, not 0.875. --expert sets it for you.")
+    seed.add_argument("--min_timestep_boundary", type=float, default=None,
+                      help="Lower end (0..1, default 0) of that part, as a fraction of the schedule index.")
 
     ours = parser.add_argument_group("flags beyond the seed")
+    ours.add_argument("--expert", choices=list(EXPERTS), default=None,
+                      help="Train one expert of a Wan 2.2 A14B pair: only its files are loaded (the other's are "
+                           "never read) and the timestep range comes from the model's switch boundary (T2V-A14B "
+                           "high: --max_timestep_boundary 0.417; I2V-A14B high: 0.358; low: the rest). Not "
+                           "combinable with the boundary flags.")
+    ours.add_argument("--lora_format", choices=list(LORA_FORMATS), default="official",
+                      help="Key layout of the saved LoRA files, the words of `wan convert --to`: official (the "
+                           "release's layer names, lora_A/lora_B), diffusers or comfy. Full fine-tunes keep the "
+                           "official names.")
     ours.add_argument("--torch_dtype", choices=list(DTYPES), default="bfloat16",
                       help="dtype the networks are loaded and trained in (the seed: bfloat16).")
     ours.add_argument("--seed", type=int, default=0,
@@ -195,10 +209,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if not args.foreground_weight > 0:
         raise TrainingError(f"--foreground_weight must be > 0, got {args.foreground_weight}")
-    low, high = args.min_timestep_boundary, args.max_timestep_boundary
-    if not (0.0 <= low < high <= 1.0) or int(low * 1000) >= int(high * 1000):
-        raise TrainingError(f"need 0 <= --min_timestep_boundary < --max_timestep_boundary <= 1 (at least one of the "
-                            f"1000 timesteps between them), got {low} and {high}")
+    check_timestep_boundaries(args)
     if not split_list(args.data_file_keys):
         raise TrainingError("--data_file_keys names no column")
     unknown = [name for name in split_list(args.extra_inputs) if name not in EXTRA_INPUTS]
@@ -221,6 +232,38 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--lora_target_modules names no layer")
     if not split_list(args.trainable_models) and args.lora_base_model is None:
         raise TrainingError("nothing to train: pass --lora_base_model dit (LoRA) and/or --trainable_models dit (full)")
+    if args.lora_format != "official":
+        lora_of_dit = args.lora_base_model == "dit" and args.remove_prefix_in_ckpt == "pipe.dit."
+        if not lora_of_dit or split_list(args.trainable_models):
+            raise TrainingError(f"--lora_format {args.lora_format} writes a LoRA of the DiT: it needs "
+                                "--lora_base_model dit alone (no --trainable_models) and the default --remove_prefix_in_ckpt pipe.dit.; "
+                                "other checkpoints keep the official names (--lora_format official)")
+
+
+def check_timestep_boundaries(args: argparse.Namespace) -> None:
+    """The boundary flags: with ``--expert`` none may be given (it sets them once the model is loaded);
+    without it they default to the whole schedule and need at least one timestep between them."""
+    given = [f"--{name}" for name in ("min_timestep_boundary", "max_timestep_boundary")
+             if getattr(args, name) is not None]
+    if args.expert is not None:
+        if given:
+            raise TrainingError(f"--expert {args.expert} sets the timestep range from the model's expert boundary; "
+                                f"drop {' and '.join(given)} (or drop --expert and give the range yourself)")
+        return
+    if args.min_timestep_boundary is None:
+        args.min_timestep_boundary = 0.0
+    if args.max_timestep_boundary is None:
+        args.max_timestep_boundary = 1.0
+    low, high = args.min_timestep_boundary, args.max_timestep_boundary
+    if not (0.0 <= low < high <= 1.0) or schedule_index(low) >= schedule_index(high):
+        raise TrainingError(f"need 0 <= --min_timestep_boundary < --max_timestep_boundary <= 1 (at least one of the "
+                            f"1000 timesteps between them), got {low} and {high}")
+
+
+def schedule_index(fraction: float, steps: int = 1000) -> int:
+    """A boundary flag as an index into the ``steps``-step training schedule: ``int(fraction * steps)``
+    as DiffSynth computes it, rounded first so that 0.417 is 417 whatever the float error."""
+    return int(round(fraction * steps, 6))
 
 
 def model_configs(args: argparse.Namespace) -> list[ModelConfig]:

@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_FORMAT", "CachedDataset", "build_cache", "read_inputs", "write_inputs"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-token timestep scale and held latents (TI2V image-to-video) stored
+READABLE_FORMATS = (1, 2)  # format 1 lacks them, which only a fused-image DiT needs (check_model)
+OPTIONAL = ("foreground", "token_timestep_scale", "held_mask", "held_latents")
 MANIFEST = "cache.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"  # the empty prompt's context, for --empty_prompt_ratio
 SHARED = "shared."
@@ -44,8 +46,7 @@ SHARED = "shared."
 def write_inputs(inputs: TrainingInputs, path: Path) -> None:
     """One sample's inputs as safetensors; numbers (``vace_scale``) and flags go to the metadata."""
     tensors = {"input_latents": inputs.input_latents, "context": inputs.context}
-    if inputs.foreground is not None:
-        tensors["foreground"] = inputs.foreground
+    tensors.update({name: getattr(inputs, name) for name in OPTIONAL if getattr(inputs, name) is not None})
     scalars = {}
     for key, value in inputs.shared.items():
         if isinstance(value, torch.Tensor):
@@ -63,7 +64,7 @@ def read_inputs(path: Path) -> TrainingInputs:
     shared: dict[str, Any] = json.loads(metadata["scalars"])
     shared.update({key[len(SHARED):]: value for key, value in tensors.items() if key.startswith(SHARED)})
     return TrainingInputs(tensors["input_latents"], tensors["context"], shared, json.loads(metadata["vace_reference"]),
-                          tensors.get("foreground"))
+                          **{name: tensors.get(name) for name in OPTIONAL})
 
 
 def _sample_path(folder: Path, row: int) -> Path:
@@ -80,9 +81,9 @@ class CachedDataset(torch.utils.data.Dataset):
             raise TrainingError(f"--use_cached {self.folder.absolute()}: no {MANIFEST}; write the cache with "
                                 "--cache_latents first (an interrupted cache pass leaves none)")
         self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != CACHE_FORMAT:
+        if self.manifest.get("format") not in READABLE_FORMATS:
             raise TrainingError(f"{manifest}: cache format {self.manifest.get('format')}, this version reads "
-                                f"{CACHE_FORMAT}; write the cache again")
+                                f"{', '.join(map(str, READABLE_FORMATS))}; write the cache again")
         self.rows = self.manifest["samples"]
         missing = [row for row in range(self.rows) if not _sample_path(self.folder, row).is_file()]
         if missing:
@@ -98,6 +99,9 @@ class CachedDataset(torch.utils.data.Dataset):
             raise TrainingError(f"{self.folder} was cached for a {self.manifest['dit_variant']} DiT (in_dim "
                                 f"{self.manifest['dit_in_dim']}); the loaded one is {dit.config.variant} "
                                 f"(in_dim {dit.config.in_dim})")
+        if self.manifest["format"] < 2 and dit.config.fuses_image_latents:
+            raise TrainingError(f"{self.folder} was written by an older version that did not store the first-frame "
+                                f"conditioning the {dit.config.variant} DiT needs; write the cache again")
 
     def __len__(self) -> int:
         return self.rows * self.repeat
@@ -113,6 +117,9 @@ def build_cache(args: argparse.Namespace) -> Path:
     show = accelerator.is_main_process and not args.disable_progress_bar
     dataset = video_dataset(args, repeat=1, show_progress=show)
     pipeline = load_pipeline(args, device=accelerator.device)
+    dataset.size_factor = pipeline.shape_multiples[0]
+    if pipeline.dit.config.fuses_image_latents and "input_image" in split_list(args.extra_inputs):
+        dataset.check_first_frame_condition()
     module = WanTrainingModule(pipeline, extra_inputs=split_list(args.extra_inputs))
     module.check_extra_inputs()
     (folder / MANIFEST).unlink(missing_ok=True)

@@ -56,15 +56,16 @@ def _suffix(path: str | Path) -> str:
     return Path(path).suffix.lower().lstrip(".")
 
 
-def target_size(width: int, height: int, max_pixels: int, fixed: tuple[int, int] | None) -> tuple[int, int]:
+def target_size(width: int, height: int, max_pixels: int, fixed: tuple[int, int] | None,
+                factor: int = SIZE_FACTOR) -> tuple[int, int]:
     """``(width, height)`` frames are brought to: ``fixed``, or the own size capped at ``max_pixels``
-    (aspect kept) and rounded down to multiples of 16."""
+    (aspect kept) and rounded down to multiples of ``factor`` (16; 32 for TI2V-5B's 16x VAE)."""
     if fixed is not None:
         return fixed
     if width * height > max_pixels:
         scale = math.sqrt(width * height / max_pixels)
         width, height = int(width / scale), int(height / scale)
-    return width // SIZE_FACTOR * SIZE_FACTOR, height // SIZE_FACTOR * SIZE_FACTOR
+    return width // factor * factor, height // factor * factor
 
 
 def crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -186,6 +187,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.rows, self.source = _read_metadata(self.base, metadata_path, self.file_keys)
         self.num_frames = num_frames
         self.fixed_size = None if height is None else (width, height)
+        self.size_factor = SIZE_FACTOR  # pixels per DiT token; the trainer sets the loaded model's
         self.max_pixels = max_pixels
         self.repeat = repeat
         self.extra_inputs = list(extra_inputs)
@@ -235,6 +237,19 @@ class VideoDataset(torch.utils.data.Dataset):
         logger.info("dataset: %d samples from %s, each seen %d times per epoch", len(self.rows), self.source,
                     self.repeat)
 
+    def check_first_frame_condition(self) -> None:
+        """For a DiT that holds the input image as latent frame 0 (TI2V-5B with ``input_image``): every
+        sample needs a latent frame after it, so images and ``--num_frames 1`` are refused, naming them."""
+        if self.num_frames < 5:
+            raise TrainingError(f"--num_frames {self.num_frames}: with input_image the first latent frame is the "
+                                "image itself and the loss leaves it out; train on at least 5 frames")
+        stills = [f"row {i + 1} ({row[self.target]})" for i, row in enumerate(self.rows)
+                  if _suffix(str(row[self.target])) in IMAGE_EXTENSIONS]
+        if stills:
+            raise TrainingError(f"{self.source}: {', '.join(stills[:5])}: image(s), not videos. With input_image"
+                                " the first frame's latent frame is held and left out of the loss, so a "
+                                "still leaves nothing to learn; keep videos only, or drop input_image (text-to-video)")
+
     def _check_file(self, path: Path, where: str) -> None:
         if not path.is_file():
             raise TrainingError(f"{where}: file not found: {path.absolute()}")
@@ -283,10 +298,11 @@ class VideoDataset(torch.utils.data.Dataset):
             except ValueError as e:
                 raise TrainingError(f"{path}: {e}") from None
         if size is None:
-            size = target_size(*frames[0].size, self.max_pixels, self.fixed_size)
-            if min(size) < SIZE_FACTOR:
+            size = target_size(*frames[0].size, self.max_pixels, self.fixed_size, self.size_factor)
+            if min(size) < self.size_factor:
                 raise TrainingError(f"{path}: frames of {frames[0].size[0]}x{frames[0].size[1]} are too small for "
-                                    f"--max_pixels {self.max_pixels} (need at least 16x16 after scaling)")
+                                    f"--max_pixels {self.max_pixels} (need at least {self.size_factor}x"
+                                    f"{self.size_factor} after scaling)")
         return [crop_and_resize(frame, *size) for frame in frames]
 
 

@@ -4,6 +4,10 @@ One step, as the seed computes it: the pipeline's conditioning units turn the sa
 (text context, image/control/camera/VACE conditioning), the VAE encodes the video into ``x0``, a
 timestep is drawn uniformly from the indices of the 1000-step training schedule, the DiT predicts the
 velocity of ``add_noise(x0, noise, t)`` and the loss is ``mse(prediction, noise - x0) * weight(t)``.
+What the units set besides the DiT's keyword inputs goes into the step as in generation: a per-token
+timestep scale (``[B, L]`` timesteps) and latent cells held fixed by their step fix-ups, which the
+noised latents take and the loss leaves out (TI2V-5B image-to-video: latent frame 0 is the image's,
+at t = 0, and the mse runs over frames 1.., as DiffSynth's ``FlowMatchSFTLoss``).
 
 Networks with trainable weights (full, ``--trainable_models``, or LoRA layers, ``--lora_base_model``)
 are registered under ``pipe.<slot>`` so that weight names read ``pipe.dit.blocks.0...`` as in the
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +31,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from wan_models.configs import T5_FILE, T5_TOKENIZER
+from wan_models.configs import T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
 from wan_runtime import WanVideoPipeline
 from wan_runtime.model_config import ModelConfig
 from wan_runtime.pipeline import SLOTS
@@ -36,12 +41,14 @@ from wan_runtime.units import Conditioning, required_inputs
 from wan_runtime.units.image import video_pixels
 from wan_runtime.units.vace import reference_pixels
 
-from .args import DTYPES, IMAGE_INPUTS, TrainingError, model_configs, split_list
+from .args import DTYPES, IMAGE_INPUTS, TrainingError, model_configs, schedule_index, split_list
+from .experts import apply_expert, select_expert_files
 from .foreground import foreground_mask, latent_foreground, weighted
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingInputs", "WanTrainingModule", "load_pipeline", "sample_seed", "training_noise"]
+__all__ = ["TrainingInputs", "WanTrainingModule", "held_cells", "load_pipeline", "sample_seed", "training_noise",
+           "training_scheduler"]
 
 NUM_TRAIN_TIMESTEPS = 1000
 TRAINING_SHIFT = 5.0  # the seed's training scheduler: FlowMatchScheduler(shift=5), 1000 steps
@@ -62,6 +69,10 @@ class TrainingInputs:
     ``camera``, ``vace_context``, ``vace_scale``, ``motion_embedding``); ``vace_reference`` says that
     ``input_latents`` lead with a VACE reference frame (the noise's last frame moves to the front).
     ``foreground`` (``[B, 1, T', H', W']``, 0/1) marks the latent cells of the video's foreground.
+    ``token_timestep_scale`` (``[B, L]``) multiplies each token's timestep (TI2V image-to-video: 0 on
+    latent frame 0), and ``held_mask``/``held_latents`` (like ``input_latents``) are the cells the
+    units hold fixed during sampling (the same frame 0) and their values: the noised latents take
+    them, and the loss leaves them out, as DiffSynth's training of fused-image DiTs does.
     """
 
     input_latents: torch.Tensor
@@ -69,12 +80,17 @@ class TrainingInputs:
     shared: dict[str, Any] = field(default_factory=dict)
     vace_reference: bool = False
     foreground: torch.Tensor | None = None
+    token_timestep_scale: torch.Tensor | None = None
+    held_mask: torch.Tensor | None = None
+    held_latents: torch.Tensor | None = None
+
+    TENSORS = ("input_latents", "context", "foreground", "token_timestep_scale", "held_mask", "held_latents")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TrainingInputs":
         """A copy with every tensor on ``device`` (accelerate's DataLoader calls this)."""
         move = lambda v: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return replace(self, input_latents=move(self.input_latents), context=move(self.context),
-                       shared={k: move(v) for k, v in self.shared.items()}, foreground=move(self.foreground))
+        return replace(self, shared={k: move(v) for k, v in self.shared.items()},
+                       **{name: move(getattr(self, name)) for name in self.TENSORS})
 
     @classmethod
     def stack(cls, items: Sequence["TrainingInputs"]) -> "TrainingInputs":
@@ -87,11 +103,12 @@ class TrainingInputs:
         if len(shapes) > 1:
             raise TrainingError(f"a batch needs samples of one size, got latents of shapes {sorted(shapes)}: "
                                 "set --height/--width (and --num_frames) or use --batch_size 1")
+        optional = [(name, [getattr(item, name) is None for item in items]) for name in cls.TENSORS[2:]]
         for name, values in (("vace_reference", [item.vace_reference for item in items]),
-                             ("shared inputs", [sorted(item.shared) for item in items]),
-                             ("foreground", [item.foreground is None for item in items])):
+                             ("shared inputs", [sorted(item.shared) for item in items]), *optional):
             if any(value != values[0] for value in values):
-                raise TrainingError(f"the samples of a batch differ in their {name}: {values}")
+                raise TrainingError(f"the samples of a batch differ in their {name}: {values} (e.g. some with an "
+                                    "input image and some without): use --batch_size 1")
         shared: dict[str, Any] = {}
         for key, value in first.shared.items():
             values = [item.shared[key] for item in items]
@@ -101,9 +118,9 @@ class TrainingInputs:
                 raise TrainingError(f"the samples of a batch differ in {key}: {values}")
             else:
                 shared[key] = value
-        foreground = None if first.foreground is None else torch.cat([item.foreground for item in items])
-        return cls(torch.cat([item.input_latents for item in items]), torch.cat([item.context for item in items]),
-                   shared, first.vace_reference, foreground)
+        tensors = {name: None if getattr(first, name) is None else torch.cat([getattr(item, name) for item in items])
+                   for name in cls.TENSORS}
+        return cls(shared=shared, vace_reference=first.vace_reference, **tensors)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -126,6 +143,35 @@ def training_noise(shape: Sequence[int], generator: torch.Generator, vace_refere
     return noise.to(device=device, dtype=dtype)
 
 
+def training_scheduler() -> FlowEulerScheduler:
+    """The seed's training schedule: 1000 shift-5 Euler timesteps from t = 1000 down, with loss weights."""
+    scheduler = FlowEulerScheduler(shift=TRAINING_SHIFT, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS, training=True)
+    return scheduler
+
+
+def held_cells(cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What the units' step fix-ups (``cond.step_fixups``) hold fixed in latents shaped ``like``: a bool
+    mask and the held values (0 elsewhere), or ``None`` without fix-ups.
+
+    A fix-up is run on latents of NaN: the cells it fills are the held ones. Training supports fix-ups
+    that only put values back (TI2V's first frame); one that mixes held and free values is refused.
+    """
+    if not cond.step_fixups:
+        return None
+    probe = torch.full_like(like, float("nan"))
+    check = torch.randn(like.shape, generator=torch.Generator().manual_seed(0)).to(like)
+    fixed = check
+    for fix in cond.step_fixups:
+        probe, fixed = fix(probe), fix(fixed)
+    mask = ~torch.isnan(probe)
+    values = torch.where(mask, probe, torch.zeros_like(probe))
+    if probe.shape != like.shape or not torch.equal(torch.where(mask, values, check), fixed):
+        raise TrainingError("a conditioning unit's step fix-up does more than hold latent cells at fixed values; "
+                            "training supports only such fix-ups (TI2V-5B's first frame)")
+    return mask, values
+
+
 def tokenizer_config(args: argparse.Namespace) -> ModelConfig | None:
     """``--tokenizer_path``, else the umT5 folder beside a T5 file of ``--model_paths``, else the seed's default."""
     if args.tokenizer_path is not None:
@@ -140,13 +186,19 @@ def tokenizer_config(args: argparse.Namespace) -> ModelConfig | None:
 def load_pipeline(args: argparse.Namespace, device: torch.device | str = "cpu",
                   dit_only: bool = False) -> WanVideoPipeline:
     """The pipeline of the model flags in ``--torch_dtype``; ``dit_only`` drops what cached training needs not."""
+    configs = model_configs(args)
+    if args.expert is not None:
+        configs = select_expert_files(configs, args.expert)
     pipe = WanVideoPipeline.from_pretrained(torch_dtype=DTYPES[args.torch_dtype], device=device,
-                                            model_configs=model_configs(args),
-                                            tokenizer_config=tokenizer_config(args),
+                                            model_configs=configs, tokenizer_config=tokenizer_config(args),
                                             local_model_path=args.local_model_path)
     if pipe.dit is None:
         raise TrainingError("the model files hold no DiT (diffusion_pytorch_model*.safetensors): add it to "
                             "--model_paths / --model_id_with_origin_paths")
+    if pipe.dit2 is not None:
+        raise TrainingError("the model files hold both experts of a Wan 2.2 A14B pair; training takes one at a time: "
+                            "pass --expert high or --expert low (the other's files are then not loaded)")
+    apply_expert(args, pipe.dit, training_scheduler().timesteps)
     if dit_only:
         dropped = [slot for slot in ("vae", "text_encoder", "image_encoder", "motion_controller")
                    if getattr(pipe, slot) is not None]
@@ -155,7 +207,15 @@ def load_pipeline(args: argparse.Namespace, device: torch.device | str = "cpu",
         pipe.vae = pipe.text_encoder = pipe.image_encoder = pipe.motion_controller = pipe.prompter = None
     else:
         if pipe.vae is None:
-            raise TrainingError("training encodes the videos with the VAE: add Wan2.1_VAE.pth to the model files")
+            vae = VAE22_FILE if pipe.dit.config.fuses_image_latents else VAE_FILE
+            raise TrainingError(f"training encodes the videos with the VAE: add {vae} to the model files")
+        multiple = pipe.shape_multiples[0]
+        for name in ("height", "width"):
+            value = getattr(args, name, None)
+            if value is not None and value % multiple:
+                raise TrainingError(f"--{name} {value}: the loaded {pipe.dit.config.variant} DiT with its VAE needs a "
+                                    f"multiple of {multiple} (VAE stride {pipe.vae_spatial_factor} x patch "
+                                    f"{multiple // pipe.vae_spatial_factor})")
         if pipe.prompter is None:
             raise TrainingError(f"training encodes the prompts with umT5: add {T5_FILE} to the model files")
     return pipe
@@ -193,10 +253,9 @@ class WanTrainingModule(nn.Module):
         self.extra_inputs = list(extra_inputs)
         self.use_gradient_checkpointing = use_gradient_checkpointing
         self.use_gradient_checkpointing_offload = use_gradient_checkpointing_offload
-        self.timestep_range = (int(min_timestep_boundary * NUM_TRAIN_TIMESTEPS),
-                               int(max_timestep_boundary * NUM_TRAIN_TIMESTEPS))
-        self.scheduler = FlowEulerScheduler(shift=TRAINING_SHIFT, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
-        self.scheduler.set_timesteps(NUM_TRAIN_TIMESTEPS, training=True)
+        self.timestep_range = (schedule_index(min_timestep_boundary, NUM_TRAIN_TIMESTEPS),
+                               schedule_index(max_timestep_boundary, NUM_TRAIN_TIMESTEPS))
+        self.scheduler = training_scheduler()
         self.lora_config: LoraConfig | None = None
         self.empty_prompt_ratio = empty_prompt_ratio
         self.foreground_weight = foreground_weight
@@ -344,8 +403,23 @@ class WanTrainingModule(nn.Module):
                 latents = torch.cat([reference, latents], dim=2)
                 if mask is not None:
                     mask = torch.cat([torch.zeros_like(mask[:, :, :1]), mask], dim=2)
+        held = held_cells(cond, latents)
         return TrainingInputs(latents, cond.positive["context"], dict(cond.shared),
-                              request.vace_reference_image is not None, mask)
+                              request.vace_reference_image is not None, mask, self._token_scale(cond, latents),
+                              *(held or (None, None)))
+
+    def _token_scale(self, cond: Conditioning, latents: torch.Tensor) -> torch.Tensor | None:
+        """The units' per-token timestep factor (``[1, L]``), checked against the DiT and the latents."""
+        scale = cond.token_timestep_scale
+        if scale is None:
+            return None
+        config = self.pipeline.dit.config
+        tokens = math.prod(n // p for n, p in zip(latents.shape[2:], config.patch_size))
+        if not config.per_token_timesteps or tuple(scale.shape) != (1, tokens):
+            raise TrainingError(f"a unit set a per-token timestep scale of shape {tuple(scale.shape)}, but the "
+                                f"{config.variant} DiT takes (1, {tokens}) per-token timesteps: "
+                                f"{config.per_token_timesteps}")
+        return scale.to(torch.float32)
 
     def loss(self, inputs: TrainingInputs, seeds: int | Sequence[int]) -> torch.Tensor:
         """``mse(dit(add_noise(x0, noise, t)), noise - x0) * weight(t)``, noise and ``t`` drawn from each
@@ -357,14 +431,24 @@ class WanTrainingModule(nn.Module):
         noisy, timesteps, targets, contexts, weights = zip(*(
             self._draw(x0[i:i + 1], inputs.context[i:i + 1], inputs.vace_reference, seed)
             for i, seed in enumerate(seeds)))
-        prediction = self.predict(torch.cat(noisy), torch.cat(timesteps), torch.cat(contexts), inputs.shared)
+        noisy, timestep = torch.cat(noisy), torch.cat(timesteps)
+        if inputs.held_mask is not None:  # the units' fixed cells (TI2V: the image's frame 0) take their values
+            noisy = torch.where(inputs.held_mask, inputs.held_latents.to(noisy), noisy)
+        if inputs.token_timestep_scale is not None:  # [B, L], as generation's per-token timestep
+            timestep = (inputs.token_timestep_scale.float() * timestep.float()[:, None]).to(timestep.dtype)
+        prediction = self.predict(noisy, timestep, torch.cat(contexts), inputs.shared)
         error = (prediction.float() - torch.cat(targets).float()).square()
         if self.foreground_weight != 1.0:
             if inputs.foreground is None:
                 raise TrainingError("--foreground_weight needs the foreground of each sample: train on the videos, "
                                     "or on a cache written by this version (--cache_latents)")
             error = error * weighted(inputs.foreground, self.foreground_weight)
-        return (error.flatten(1).mean(1) * torch.stack(weights).to(error.device)).mean()
+        if inputs.held_mask is None:
+            per_sample = error.flatten(1).mean(1)
+        else:  # the mean over the free cells only: held ones have no target
+            free = (~inputs.held_mask).to(error.dtype)
+            per_sample = (error * free).flatten(1).sum(1) / free.flatten(1).sum(1)
+        return (per_sample * torch.stack(weights).to(error.device)).mean()
 
     def _draw(self, x0: torch.Tensor, context: torch.Tensor, vace_reference: bool,
               seed: int) -> tuple[torch.Tensor, ...]:

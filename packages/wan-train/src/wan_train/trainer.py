@@ -4,7 +4,8 @@ As the seed: AdamW over the trainable weights at the rate of torch's ``ConstantL
 (the first five optimizer steps at a third of ``--learning_rate``, then the full rate; set by hand
 here, which also reaches DeepSpeed's optimizer), one sample per process per micro-batch (``--batch_size``
 stacks more into one DiT call), ``--gradient_accumulation_steps`` micro-batches per optimizer step, and
-``epoch-N.safetensors`` (the trainable weights, ``--remove_prefix_in_ckpt`` stripped) after every epoch.
+``epoch-N.safetensors`` (the trainable weights, ``--remove_prefix_in_ckpt`` stripped) after every epoch,
+each with its provenance (model identity and resolved flags) in the header and in ``epoch-N.json``.
 Beyond the seed:
 ``step-N.safetensors`` and a resume state every ``--save_steps`` steps, ``--resume``, a JSON-lines
 log of the loss, and a sample order, noise and timesteps that depend only on ``--seed`` (see
@@ -39,7 +40,8 @@ from .dataset import VideoDataset, video_dataset
 from .ema import EMA
 from .module import WanTrainingModule, load_pipeline, sample_seed
 from .outputs import append_line, check_output_folder
-from .state import EMA_FILE, Progress, find_state, load_state, save_state, save_weights
+from .provenance import base_identity, save_checkpoint
+from .state import EMA_FILE, Progress, find_state, load_state, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +122,8 @@ def open_dataset(args: argparse.Namespace, show_progress: bool = True) -> VideoD
 
 def _export(accelerator: Accelerator, model: torch.nn.Module, args: argparse.Namespace,
             name: str, ema: EMA | None = None) -> Path | None:
-    """Save the trainable weights (their moving average with ``ema``) under their export names
-    (collective; the main process writes)."""
+    """Save the trainable weights (their moving average with ``ema``) under their export names, with
+    the run's provenance (collective; the main process writes)."""
     unwrapped: WanTrainingModule = accelerator.unwrap_model(model)
     trainable = set(unwrapped.trainable_names())
     state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; None off the main process there
@@ -131,11 +133,10 @@ def _export(accelerator: Accelerator, model: torch.nn.Module, args: argparse.Nam
             state = ema.weights(trainable)
         tensors = {unwrapped.export_name(key, args.remove_prefix_in_ckpt): value
                    for key, value in state.items() if key in trainable}
-        metadata = {}
-        if unwrapped.lora_config is not None:
-            metadata = {"lora_rank": str(unwrapped.lora_config.r), "lora_alpha": str(unwrapped.lora_config.lora_alpha)}
-        path = save_weights(tensors, Path(args.output_path) / f"{name}.safetensors", metadata)
-        logger.info("saved %d trained tensors to %s", len(tensors), path)
+        lora_only = unwrapped.lora_config is not None and not split_list(args.trainable_models)
+        base = base_identity(unwrapped.pipeline.dit, args.expert)
+        path = save_checkpoint(Path(args.output_path) / f"{name}.safetensors", tensors, args, base,
+                               unwrapped.lora_config, lora_only)
     accelerator.wait_for_everyone()
     return path
 
@@ -161,6 +162,10 @@ def train(args: argparse.Namespace,
     show = int(os.environ.get("RANK", "0")) == 0 and not args.disable_progress_bar
     dataset = open_dataset(args, show_progress=show)
     pipeline = load_pipeline(args, dit_only=bool(args.use_cached))
+    if isinstance(dataset, VideoDataset):
+        dataset.size_factor = pipeline.shape_multiples[0]
+        if pipeline.dit.config.fuses_image_latents and "input_image" in split_list(args.extra_inputs):
+            dataset.check_first_frame_condition()
     if isinstance(dataset, CachedDataset):
         dataset.check_model(pipeline.dit)
         if "motion_controller" in split_list(args.trainable_models):
