@@ -189,7 +189,7 @@ def _check_lora_experts(loras: list[tuple[Path, float, Optional[str]]], values: 
                                  "drop the @high/@low suffix", param_hint="--lora")
 
 
-def _apply_preset(name: str, entry: Optional[str], defaults: Settings):
+def _apply_preset(name: str, entry: Optional[str], defaults: Settings) -> tuple[Any, Settings]:
     """The preset ``name`` of registry entry ``entry`` and the defaults it sets (guidance 1 on every DiT)."""
     from wan_runtime.presets import get_preset
 
