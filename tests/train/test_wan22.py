@@ -20,9 +20,10 @@ from safetensors.torch import load_file
 from factories import tiny_releases
 from wan_models import get_model_spec
 from wan_models.configs import T5_FILE, VAE22_FILE, VAE_FILE
+from wan_runtime import ModelConfig
 from wan_runtime.lora.layouts import ARGS_KEY, BASE_KEY
 from wan_train import TrainingError, WanTrainingModule, build_cache, load_pipeline, parse_args, train
-from wan_train.experts import expert_range
+from wan_train.experts import expert_range, select_expert_files
 from wan_train.module import training_scheduler
 
 from train.support import FRAMES, write_csv
@@ -114,6 +115,25 @@ def test_expert_ranges_are_the_published_flags() -> None:
 
 
 # -- one expert -----------------------------------------------------------------------------------------------------
+
+
+def test_expert_file_selection_by_path(tmp_path: Path) -> None:
+    """Hub patterns as DiffSynth's scripts write them, ComfyUI file names and diffusers folders: decided from the
+    path (and model_index.json) alone; the shared files stay."""
+    hub = [ModelConfig(model_id="Wan-AI/Wan2.2-T2V-A14B", origin_file_pattern=f"{folder}/diffusion_pytorch_model*")
+           for folder in (HIGH, LOW)] + [ModelConfig(model_id="Wan-AI/Wan2.2-T2V-A14B", origin_file_pattern=T5_FILE)]
+    assert [c.origin_file_pattern for c in select_expert_files(hub, "low")] == [
+        f"{LOW}/diffusion_pytorch_model*", T5_FILE]
+    comfy = [ModelConfig(path=f"/m/wan2.2_t2v_{role}_noise_14B_fp16.safetensors") for role in ("high", "low")]
+    assert [c.path for c in select_expert_files(comfy, "high")] == [comfy[0].path]
+    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "WanTransformer3DModel"],
+                                                           "transformer_2": ["diffusers", "WanTransformer3DModel"],
+                                                           "boundary_ratio": 0.875}))
+    diffusers = [ModelConfig(path=str(tmp_path / name)) for name in ("transformer", "transformer_2")]
+    assert [c.path for c in select_expert_files(diffusers, "low")] == [str(tmp_path / "transformer_2")]
+    with pytest.raises(TrainingError, match="wan2.2_t2v_low_noise_14B_fp16.safetensors belong"):
+        select_expert_files(comfy[1:], "high")
+
 
 
 def test_expert_trains_one_expert_without_reading_the_other(models: Path, dataset: Path, tmp_path: Path,

@@ -1,4 +1,6 @@
-"""LoRA and full fine-tuning of the Wan 2.1 models with the seed's (DiffSynth's) ``train.py`` flags.
+"""LoRA and full fine-tuning of the Wan 2.1 and 2.2 models with the seed's (DiffSynth's) ``train.py`` flags.
+
+Wan 2.2: TI2V-5B text- and image-to-video, and the A14B models one expert at a time (``--expert``).
 
 ``python -m wan_train --help`` lists the flags; :func:`main` is the same command as a function.
 Library use: :func:`parse_args` -> :func:`train` (or :func:`build_cache`).

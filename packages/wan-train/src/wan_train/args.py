@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from wan_runtime.lora.layouts import LAYOUTS
 from wan_runtime.model_config import ModelConfig
 
 __all__ = [
@@ -36,7 +37,7 @@ TEXT_INPUTS = ("camera_control_direction",)
 EXTRA_INPUTS = ("input_image", "end_image", *FRAMES_INPUTS, *IMAGE_INPUTS, *NUMBER_INPUTS, *TEXT_INPUTS)
 
 EXPERTS = ("high", "low")  # the noise experts of a Wan 2.2 A14B pair
-LORA_FORMATS = ("official", "diffusers", "comfy")  # as wan_runtime.lora.layouts.LAYOUTS and `wan convert --to`
+LORA_FORMATS = LAYOUTS  # the words of `wan convert --to`
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m wan_train``: the seed's flags first, then ours."""
     parser = argparse.ArgumentParser(
         prog="python -m wan_train",
-        description="LoRA or full fine-tuning of a Wan 2.1 model on a folder of videos/images with a metadata.csv.")
+        description="LoRA or full fine-tuning of a Wan 2.1 or 2.2 model (one A14B expert at a time) on a folder of "
+                    "videos/images with a metadata.csv.")
     seed = parser.add_argument_group("flags of the seed's train.py")
     seed.add_argument("--dataset_base_path", type=str, default="", required=True,
                       help="Folder the file names in the metadata are relative to.")
@@ -65,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--max_pixels", type=int, default=1280 * 720,
                       help="Pixel cap per frame when height and width are left empty (dynamic resolution).")
     seed.add_argument("--height", type=int, default=None,
-                      help="Frame height (a multiple of 16). Leave height and width empty for dynamic resolution.")
+                      help="Frame height (a multiple of 16; 32 for Wan2.2-TI2V-5B). Leave height and width empty for "
+                           "dynamic resolution.")
     seed.add_argument("--width", type=int, default=None,
-                      help="Frame width (a multiple of 16). Leave height and width empty for dynamic resolution.")
+                      help="Frame width (a multiple of 16; 32 for Wan2.2-TI2V-5B). Leave height and width empty for "
+                           "dynamic resolution.")
     seed.add_argument("--num_frames", type=int, default=81,
                       help="Frames per training video (4k+1), taken from the start of each video.")
     seed.add_argument("--data_file_keys", type=str, default="image,video",
