@@ -126,12 +126,12 @@ def apply_expert(args: argparse.Namespace, dit: WanDiT, timesteps: torch.Tensor)
         ranges = {expert: expert_range(expert, spec.sampling.boundary, timesteps) for expert in EXPERTS}
         for flag in ("max_timestep_boundary", "min_timestep_boundary"):
             if getattr(args, flag) == spec.sampling.boundary:
-                right = ranges[role or "high"]
+                meant = role or ("high" if flag == "max_timestep_boundary" else "low")
+                low, high = ranges[meant]
                 logger.warning("--%s %s is the %s switch ratio (t = %.0f), not a fraction of the schedule index: "
                                "the %s-noise expert's t range is --max_timestep_boundary %.3f "
                                "--min_timestep_boundary %.3f (or pass --expert %s)", flag, getattr(args, flag),
-                               spec.name, spec.sampling.boundary * 1000, role or "high", right[1], right[0],
-                               role or "high")
+                               spec.name, spec.sampling.boundary * 1000, meant, high, low, meant)
         if role is not None and (args.min_timestep_boundary, args.max_timestep_boundary) == (0.0, 1.0):
             logger.warning("training the %s-noise expert of %s over the whole schedule; it serves only its part "
                            "in generation: pass --expert %s", role, spec.name, role)

@@ -164,9 +164,12 @@ def held_cells(cond: Conditioning, like: torch.Tensor) -> tuple[torch.Tensor, to
     fixed = check
     for fix in cond.step_fixups:
         probe, fixed = fix(probe), fix(fixed)
+    if probe.shape != like.shape:
+        raise TrainingError(f"a conditioning unit's step fix-up turns latents of shape {tuple(like.shape)} into "
+                            f"{tuple(probe.shape)}; training needs fix-ups that keep the shape")
     mask = ~torch.isnan(probe)
     values = torch.where(mask, probe, torch.zeros_like(probe))
-    if probe.shape != like.shape or not torch.equal(torch.where(mask, values, check), fixed):
+    if not torch.equal(torch.where(mask, values, check), fixed):
         raise TrainingError("a conditioning unit's step fix-up does more than hold latent cells at fixed values; "
                             "training supports only such fix-ups (TI2V-5B's first frame)")
     return mask, values
@@ -415,10 +418,12 @@ class WanTrainingModule(nn.Module):
             return None
         config = self.pipeline.dit.config
         tokens = math.prod(n // p for n, p in zip(latents.shape[2:], config.patch_size))
-        if not config.per_token_timesteps or tuple(scale.shape) != (1, tokens):
-            raise TrainingError(f"a unit set a per-token timestep scale of shape {tuple(scale.shape)}, but the "
-                                f"{config.variant} DiT takes (1, {tokens}) per-token timesteps: "
-                                f"{config.per_token_timesteps}")
+        if not config.per_token_timesteps:
+            raise TrainingError(f"a unit set a per-token timestep scale, but the {config.variant} DiT takes one "
+                                "timestep per video")
+        if tuple(scale.shape) != (1, tokens):
+            raise TrainingError(f"a unit set a per-token timestep scale of shape {tuple(scale.shape)}; the DiT sees "
+                                f"(1, {tokens}) tokens for latents {tuple(latents.shape)}")
         return scale.to(torch.float32)
 
     def loss(self, inputs: TrainingInputs, seeds: int | Sequence[int]) -> torch.Tensor:
