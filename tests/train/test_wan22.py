@@ -277,6 +277,24 @@ def test_ti2v_step_by_hand(models: Path, dataset: Path, tmp_path: Path) -> None:
     assert loss == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_ti2v_text_to_video_step(models: Path, dataset: Path, tmp_path: Path) -> None:
+    """Without input_image the same DiT trains text-to-video: nothing held, one timestep per video, every frame
+    in the loss."""
+    run = argv(models / TI2V, [models / TI2V / DIT], dataset, tmp_path, "--lora_base_model", "dit")
+    module = WanTrainingModule.from_args(parse_args(run), load_pipeline(parse_args(run)))
+    seen = {}
+    module.predict = lambda x, t, c, s: seen.update(t=t) or torch.zeros_like(x)
+    with torch.no_grad():
+        inputs = module.prepare_inputs(one_sample(dataset, TI2V_SIZE))
+        loss = module.loss(inputs, 7).item()
+    assert inputs.held_mask is None and inputs.token_timestep_scale is None and seen["t"].shape == (1,)
+    generator = torch.Generator().manual_seed(7)
+    noise = torch.randn(inputs.input_latents.shape, generator=generator)
+    index = int(torch.randint(0, 1000, (1,), generator=generator))
+    weight = float(module.scheduler.training_weights[index])
+    assert loss == pytest.approx(((noise - inputs.input_latents) ** 2).mean().item() * weight, rel=1e-5)
+
+
 def test_ti2v_i2v_lora_overfits_and_loads(models: Path, dataset: Path, tmp_path: Path) -> None:
     """The loss of TI2V image-to-video falls; the comfy-layout LoRA merged into a fresh DiT gives the trained one."""
     run = ti2v_argv(models, dataset, tmp_path, "--lora_base_model", "dit", "--lora_rank", "8", "--learning_rate",
