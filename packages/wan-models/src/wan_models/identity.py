@@ -115,6 +115,18 @@ def _path_clue(path: Path) -> _Clue | None:
     return None
 
 
+def path_expert(path: Path) -> str | None:
+    """The expert ("high"/"low") a file's path names by the loader's rules (a diffusers
+    ``transformer_2/`` folder, ``high_noise_model/``, a ComfyUI file name), reading at most a
+    ``model_index.json``, never the weights; None when the path says nothing."""
+    for folder in (path, path.parent):
+        clue = _diffusers_clue(folder)
+        if clue is not None and clue.expert:
+            return clue.expert
+    clue = _path_clue(path)
+    return clue.expert if clue is not None else None
+
+
 def _shapes_clue(config: DiTConfig) -> _Clue | None:
     """What the weights' shapes (read into ``config``, family set where they decide) say."""
     if config.family == "wan2.2":

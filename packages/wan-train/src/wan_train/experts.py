@@ -51,24 +51,12 @@ def expert_range(expert: str, boundary: float, timesteps: torch.Tensor) -> tuple
     return (0.0, high / steps) if expert == "high" else (high / steps, 1.0)
 
 
-def _path_expert(path: Path) -> str | None:
-    """The expert a path names by the loader's rules (:mod:`wan_models.identity`), reading at most a
-    ``config.json`` / ``model_index.json`` beside it, never the weights."""
-    for folder in (path, path.parent):
-        if folder.name in wan_identity.DIFFUSERS_EXPERT_FOLDERS:
-            clue = wan_identity._diffusers_clue(folder)
-            if clue is not None and clue.expert:
-                return clue.expert
-    clue = wan_identity._path_clue(path)
-    return clue.expert if clue is not None else None
-
-
 def config_expert(config: ModelConfig) -> tuple[str | None, list[str]]:
     """The expert one model flag item names (``None``: none, or not a DiT) and the paths/patterns it
     was read from. Local paths and hub file patterns (``high_noise_model/diffusion_*``) both count."""
     items = config.path if config.path is not None else config.origin_file_pattern
     names = [str(item) for item in (items if isinstance(items, list) else [items]) if item]
-    experts = {_path_expert(Path(name)) for name in names} - {None}
+    experts = {wan_identity.path_expert(Path(name)) for name in names} - {None}
     if len(experts) > 1:
         raise TrainingError(f"the model files {names} mix the high-noise and the low-noise expert in one item; "
                             "give each expert's files as their own item")
