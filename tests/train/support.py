@@ -53,3 +53,21 @@ def train_argv(release: Path, dataset: Path, output: Path, *extra: str, metadata
             "--height", str(HEIGHT), "--width", str(WIDTH), "--num_frames", str(FRAMES),
             "--model_paths", paths or model_paths(release), "--output_path", str(output), "--torch_dtype", "float32",
             "--dataset_num_workers", "0", "--disable_progress_bar", *extra]
+
+
+class Killed(Exception):
+    """Stands for the kill of a run in its middle (raised from the step callback)."""
+
+
+def train_until_killed(args: Any, step: int) -> None:
+    """Run ``wan_train.train(args)`` and stop it, as a kill would, right after optimizer step ``step``."""
+    import pytest
+
+    from wan_train import train
+
+    def stop(progress: Any, loss: float) -> None:
+        if progress.step == step:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(args, on_step=stop)

@@ -16,7 +16,7 @@ from wan_train import TrainingError, parse_args, train
 from wan_train.state import EMA_FILE, STATE_DIR
 from wan_train.trainer import _moving_average
 
-from train.support import train_argv
+from train.support import train_argv, train_until_killed
 
 DECAY = 0.8
 FLAGS = ("--trainable_models", "dit", "--learning_rate", "5e-3", "--num_epochs", "2", "--save_steps", "1")
@@ -56,15 +56,7 @@ def test_resume_continues_the_average(release: Path, dataset: Path, tmp_path: Pa
     flags = (*FLAGS, "--ema_decay", str(DECAY))
     whole = train(parse_args(train_argv(release, dataset, tmp_path / "whole", *flags)))
 
-    class Killed(Exception):
-        pass
-
-    def stop(progress, loss) -> None:
-        if progress.step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(parse_args(train_argv(release, dataset, tmp_path / "cut", *flags)), on_step=stop)
+    train_until_killed(parse_args(train_argv(release, dataset, tmp_path / "cut", *flags)), 3)
     resumed = train(parse_args(train_argv(release, dataset, tmp_path / "cut", *flags, "--resume")))
     assert resumed.losses == pytest.approx(whole.losses[3:], rel=1e-5)  # the state of step 3 was saved
     a, b = load_file(whole.checkpoints[-1]), load_file(resumed.checkpoints[-1])

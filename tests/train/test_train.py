@@ -22,7 +22,7 @@ from wan_train import (TrainingError, VideoDataset, WanTrainingModule, build_cac
 from wan_train.module import sample_seed
 from wan_train.state import STATE_DIR
 
-from train.support import FRAMES, HEIGHT, WIDTH, model_paths, train_argv, write_csv
+from train.support import FRAMES, HEIGHT, WIDTH, model_paths, train_argv, train_until_killed, write_csv
 
 EVAL_SEEDS = range(12)
 LORA_LAYERS = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
@@ -112,16 +112,7 @@ def test_resume_after_interruption(release: Path, dataset: Path, tmp_path: Path)
     whole = train(parse_args(train_argv(release, dataset, tmp_path / "whole", *flags)))
     assert len(whole.losses) == 8  # 2 epochs x 8 samples / 2 per step
 
-    class Killed(Exception):
-        pass
-
-    def stop(progress, loss) -> None:
-        if progress.step == 5:
-            raise Killed
-
-    cut = parse_args(train_argv(release, dataset, tmp_path / "cut", *flags))
-    with pytest.raises(Killed):
-        train(cut, on_step=stop)
+    train_until_killed(parse_args(train_argv(release, dataset, tmp_path / "cut", *flags)), 5)
     assert (tmp_path / "cut" / STATE_DIR / "latest").read_text() == "state-e0001-b000000000"  # after step 4
     resumed = train(parse_args(train_argv(release, dataset, tmp_path / "cut", *flags, "--resume")))
     assert resumed.losses == whole.losses[4:]  # steps 5..8 again, the same draws

@@ -26,7 +26,7 @@ from wan_train import TrainingError, WanTrainingModule, build_cache, load_pipeli
 from wan_train.experts import expert_range, select_expert_files
 from wan_train.module import training_scheduler
 
-from train.support import FRAMES, write_csv
+from train.support import FRAMES, train_until_killed, write_csv
 
 log = logging.getLogger(__name__)
 TI2V, T2V, I2V = "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"
@@ -343,15 +343,7 @@ def test_expert_resume_after_interruption(models: Path, dataset: Path, tmp_path:
              "--save_steps", "2", "--dataset_repeat", "2")
     whole = train(parse_args(pair_argv(models, T2V, dataset, tmp_path / "whole", *flags)))
 
-    class Killed(Exception):
-        pass
-
-    def stop(progress, loss) -> None:
-        if progress.step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(parse_args(pair_argv(models, T2V, dataset, tmp_path / "cut", *flags)), on_step=stop)
+    train_until_killed(parse_args(pair_argv(models, T2V, dataset, tmp_path / "cut", *flags)), 3)
     resumed = train(parse_args(pair_argv(models, T2V, dataset, tmp_path / "cut", *flags, "--resume")))
     assert resumed.losses == whole.losses[2:]
     a, b = load_file(whole.checkpoints[-1]), load_file(resumed.checkpoints[-1])
