@@ -1,0 +1,252 @@
+"""Shared fixtures for the wan-serve tests: a real PostgreSQL 15 server and real `wan serve` / `wan worker`
+processes.
+
+The PostgreSQL server is started once per session by ``initdb`` + ``pg_ctl`` in a temp folder, as an
+unprivileged user when the tests run as root (``initdb`` refuses root), with trust auth on 127.0.0.1 and a
+unix socket beside its data; each test that needs it gets a fresh database. Missing binaries fail the tests
+with what to install (``tools/ensure_test_system.sh`` installs them in ``make test``): they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+PG_BINDIR = Path(os.environ.get("WAN_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
+PG_USER = "nobody"  # used when the tests run as root; created when missing
+INSTALL_HINT = (
+    "install the PostgreSQL 15 server (Debian/Ubuntu: `apt-get install postgresql-15`; "
+    "`make test` does it through tools/ensure_test_system.sh), or point WAN_TEST_PG_BINDIR at the folder "
+    "holding initdb and pg_ctl"
+)
+WAN = Path(sys.executable).with_name("wan")  # the console script of the venv running the tests
+START_TIMEOUT = 90.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no log)"
+    return text[-chars:]
+
+
+def _pg_account() -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL as: None when not root (run as ourselves), else PG_USER, created if missing."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+                       check=True, capture_output=True)
+        entry = pwd.getpwnam(PG_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+@dataclass
+class PostgresServer:
+    """A running PostgreSQL server: ``url(db)`` is the SQLAlchemy/`--db` URL of one of its databases."""
+
+    port: int
+    root: Path
+    account: tuple[int, int] | None
+    user: str = "postgres"
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str) -> subprocess.CompletedProcess:
+        kwargs = {}
+        if self.account is not None:
+            kwargs = {"user": self.account[0], "group": self.account[1], "extra_groups": []}
+        return subprocess.run(list(args), capture_output=True, text=True, cwd=self.root,
+                              env={**os.environ, "HOME": str(self.root)}, timeout=60, **kwargs)
+
+    def create_database(self) -> str:
+        """A new empty database; returns its URL."""
+        name = "wan_" + secrets.token_hex(6)
+        done = self._run(str(PG_BINDIR / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                         "-U", self.user, name)
+        if done.returncode != 0:
+            raise RuntimeError(f"createdb {name} failed: {done.stderr.strip()}")
+        return self.url(name)
+
+    def start(self) -> None:
+        data = self.root / "data"
+        init = self._run(str(PG_BINDIR / "initdb"), "-D", str(data), "-A", "trust", "-U", self.user,
+                         "-E", "UTF8", "--no-sync")
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
+        log = self.root / "postgres.log"
+        started = self._run(str(PG_BINDIR / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+                            "-o", options, "start")
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed ({started.returncode}): {started.stderr.strip()}\n"
+                               f"server log:\n{_tail(log)}")
+
+    def stop(self) -> None:
+        data = self.root / "data"
+        if (data / "postmaster.pid").exists():
+            self._run(str(PG_BINDIR / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL 15 server for the session, stopped and removed at the end even when a test fails."""
+    missing = [name for name in ("initdb", "pg_ctl", "createdb") if not (PG_BINDIR / name).exists()]
+    if missing:
+        pytest.fail(f"PostgreSQL server binaries {missing} not found in {PG_BINDIR}: {INSTALL_HINT}",
+                    pytrace=False)
+    account = _pg_account()
+    # Under /tmp (world-traversable), not pytest's per-user 0700 folder: the server user must reach it.
+    root = Path(tempfile.mkdtemp(prefix="wan-pg-"))
+    if account is not None:
+        os.chown(root, *account)
+    server = PostgresServer(port=free_port(), root=root, account=account)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh database on the session's PostgreSQL server."""
+    return postgres_server.create_database()
+
+
+# --- `wan serve` / `wan worker` processes -----------------------------------------------------------------
+
+
+@dataclass
+class WanProcess:
+    """One `wan serve` or `wan worker` subprocess, its output in ``log_path``."""
+
+    args: list[str]
+    log_path: Path
+    ready_text: str
+    url: str | None = None  # http://127.0.0.1:PORT for `wan serve`
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> "WanProcess":
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> "WanProcess":
+        """Wait for the ready log line (and, for a server, a 200 from /healthz); fail with the log if it dies."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.args} exited with {self.proc.returncode} before it was ready:\n"
+                            f"{self.log()[-4000:]}", pytrace=False)
+            if self.ready_text in self.log():
+                if self.url is None:
+                    return self
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+        pytest.fail(f"{self.args} not ready after {timeout:.0f} s (no {self.ready_text!r}):\n"
+                    f"{self.log()[-4000:]}", pytrace=False)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up (what the durability tests are about)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit within ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        return self.proc.returncode
+
+
+class WanProcesses:
+    """Starts `wan serve` / `wan worker` on the tiny model (CPU, float32) and stops every one at the end."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.started: list[WanProcess] = []
+        if not WAN.exists():
+            pytest.fail(f"the `wan` command is not installed beside {sys.executable}: run `make install`",
+                        pytrace=False)
+        # One thread per process: several of them share the CI machine's two cores.
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env.pop("WAN_API_TOKEN", None)
+
+    def serve(self, *args: str, state_dir: Path | None = None, port: int | None = None,
+              name: str = "serve", wait: bool = True) -> WanProcess:
+        """`wan serve` on a free port (or ``port``); ``state_dir`` defaults to a fresh temp folder."""
+        port = port or free_port()
+        state_dir = state_dir or Path(tempfile.mkdtemp(prefix="state-", dir=self.tmp))
+        argv = [str(WAN), "serve", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
+                "--device", "cpu", "--dtype", "float32", *args]
+        proc = WanProcess(argv, self.tmp / f"{name}.log", ready_text="wan serve: listening on",
+                          url=f"http://127.0.0.1:{port}")
+        self.started.append(proc.start(self.env))
+        return proc.wait_ready() if wait else proc
+
+    def worker(self, db_url: str, *args: str, worker_id: str, wait: bool = True) -> WanProcess:
+        """`wan worker --db URL --worker-id ID` on the tiny model."""
+        argv = [str(WAN), "worker", "--db", db_url, "--worker-id", worker_id, "--device", "cpu",
+                "--dtype", "float32", *args]
+        proc = WanProcess(argv, self.tmp / f"worker-{worker_id}.log",
+                          ready_text=f"wan worker {worker_id}: waiting for jobs")
+        self.started.append(proc.start(self.env))
+        return proc.wait_ready() if wait else proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+
+
+@pytest.fixture
+def wan_processes(tmp_path: Path) -> Iterator[WanProcesses]:
+    """Factory for `wan serve` / `wan worker` subprocesses; all of them are stopped when the test ends."""
+    procs = WanProcesses(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
