@@ -20,7 +20,9 @@ $(STAMP): $(PY) constraints.txt $(wildcard packages/*/pyproject.toml)
 
 install: $(STAMP)
 
+# tools/ensure_test_system.sh installs the browser and PostgreSQL 15 the serve tests use when missing (apt-get, root).
 test: $(STAMP)
+	bash tools/ensure_test_system.sh
 	$(PY) -m pytest
 
 # The embedded tiny-shapes model (wan_runtime/assets/tiny-shapes, docs/tiny_model.md): a real Wan 2.1
