@@ -144,6 +144,7 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 class WanProcess:
     """One `wan serve` or `wan worker` subprocess, its output in ``log_path``."""
 
+    name: str  # "serve", or the worker's id
     args: list[str]
     log_path: Path
     ready_text: str
@@ -223,7 +224,7 @@ class WanProcesses:
         state_dir = state_dir or Path(tempfile.mkdtemp(prefix="state-", dir=self.tmp))
         argv = [str(WAN), "serve", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
                 "--device", "cpu", "--dtype", "float32", *args]
-        proc = WanProcess(argv, self.tmp / f"{name}.log", ready_text="wan serve: listening on",
+        proc = WanProcess(name, argv, self.tmp / f"{name}.log", ready_text="wan serve: listening on",
                           url=f"http://127.0.0.1:{port}")
         self.started.append(proc.start(self.env))
         return proc.wait_ready() if wait else proc
@@ -232,7 +233,7 @@ class WanProcesses:
         """`wan worker --db URL --worker-id ID` on the tiny model."""
         argv = [str(WAN), "worker", "--db", db_url, "--worker-id", worker_id, "--device", "cpu",
                 "--dtype", "float32", *args]
-        proc = WanProcess(argv, self.tmp / f"worker-{worker_id}.log",
+        proc = WanProcess(worker_id, argv, self.tmp / f"worker-{worker_id}.log",
                           ready_text=f"wan worker {worker_id}: waiting for jobs")
         self.started.append(proc.start(self.env))
         return proc.wait_ready() if wait else proc

@@ -1,0 +1,143 @@
+"""Several machines, one PostgreSQL queue: `wan serve --workers 0` takes jobs, two `wan worker` processes run
+them.
+
+Proves issue 27's multi-machine rules on a real PostgreSQL 15 (conftest.py): the claim is atomic (many
+claimers at once never get the same job), every job is done exactly once by one of the two workers and
+none is lost, each result is a playable mp4 of the asked frame count, and a worker killed mid-job loses its
+job to the other worker once its lease expires.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from serve.jobs_support import attempts_after_one_run, decoded_frames, submit, wait_until_finished
+from wan_serve.store import JobStore
+
+
+def _job_fields(i: int) -> dict:
+    """The columns of a queued tiny-model job, as the service would hand them to JobStore.create."""
+    return {"model": "tiny-shapes", "prompt": f"a red circle, clip {i}", "params": {}, "size": "32x32",
+            "seconds": "0.3", "num_frames": 5}
+
+
+def test_claim_is_atomic_under_concurrency(postgres_url):
+    """Eight claimers with their own connection pools, released at once, split 40 jobs with no job twice."""
+    seed = JobStore(postgres_url)
+    one_run = seed.create(_job_fields(-1), None) and seed.claim("probe", ["tiny-shapes"], 60.0).attempts
+    ids = [seed.create(_job_fields(i), None).id for i in range(40)]  # after the probe: it is claimed already
+    stores = [JobStore(postgres_url) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    claimed: dict[int, list[str]] = {n: [] for n in range(len(stores))}
+    errors: list[BaseException] = []
+
+    def claim_all(n: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            while (job := stores[n].claim(f"claimer-{n}", ["tiny-shapes"], 60.0)) is not None:
+                claimed[n].append(job.id)
+        except BaseException as error:  # surfaced in the main thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=claim_all, args=(n,)) for n in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    every_claim = [job_id for got in claimed.values() for job_id in got]
+    assert len(every_claim) == len(set(every_claim)), "a job was claimed twice"
+    assert sorted(every_claim) == sorted(ids), "a job was never claimed"
+    assert sum(1 for got in claimed.values() if got) >= 2, claimed  # the claimers really ran side by side
+    for n, got in claimed.items():
+        for job_id in got:
+            job = seed.get(job_id)
+            assert (job.status, job.worker_id, job.attempts) == ("in_progress", f"claimer-{n}", one_run)
+    assert seed.counts()["in_progress"] == len(ids) + 1 and seed.counts()["queued"] == 0
+    for store in (seed, *stores):
+        store.close()
+
+
+def test_expired_lease_moves_the_job_to_another_claimer(postgres_url):
+    """A claimer that stops heartbeating loses its job after the lease: the next claim gets it (one attempt
+    more), and the first one can neither heartbeat nor complete it any more."""
+    store = JobStore(postgres_url)
+    job_id = store.create(_job_fields(0), None).id
+    first = store.claim("gone", ["tiny-shapes"], 0.5)
+    assert first.id == job_id and first.status == "in_progress"
+    assert store.claim("other", ["tiny-shapes"], 0.5) is None  # leased: nothing to take yet
+    time.sleep(0.8)
+    second = store.claim("other", ["tiny-shapes"], 30.0)
+    assert second is not None and second.id == job_id
+    assert (second.worker_id, second.attempts, second.status) == ("other", first.attempts + 1, "in_progress")
+    assert store.heartbeat(job_id, "gone", 50, 30.0) is False
+    assert store.complete(job_id, "gone", b"not the real video") is False
+    assert store.get_blob(job_id, "video") is None
+    assert store.complete(job_id, "other", b"\x00mp4") is True
+    assert store.get(job_id).status == "completed" and store.get_blob(job_id, "video") == b"\x00mp4"
+    store.close()
+
+
+def test_two_worker_processes_share_the_queue(postgres_url, wan_processes, tmp_path):
+    """12 jobs over HTTP, run by two `wan worker` processes: each done once, none lost, all playable."""
+    one_run = attempts_after_one_run(tmp_path)
+    server = wan_processes.serve("--db", postgres_url, "--workers", "0")
+    workers = [wan_processes.worker(postgres_url, worker_id=name, wait=False) for name in ("wa", "wb")]
+    for worker in workers:
+        worker.wait_ready()
+    store = JobStore(postgres_url)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        ids = [submit(client, f"a blue square moving right, clip {i}", seed=i) for i in range(12)]
+        assert len(set(ids)) == 12
+        finished = wait_until_finished(client, ids, timeout=150)
+        assert {video["status"] for video in finished.values()} == {"completed"}, finished
+        done_by: dict[str, str] = {}
+        for job_id in ids:
+            job = store.get(job_id)
+            assert job.attempts == one_run, f"{job_id} ran more than once: attempts {job.attempts}"
+            done_by[job_id] = job.worker_id
+            content = client.get(f"/v1/videos/{job_id}/content")
+            assert content.status_code == 200 and content.headers["content-type"].startswith("video/mp4")
+            assert decoded_frames(content.content) == (5, 32, 32)
+    assert set(done_by.values()) == {"wa", "wb"}, f"one worker did everything: {done_by}"
+    # Each worker's own log names exactly the jobs the store says it did: no job ran in both.
+    logs = {worker.name: worker.log() for worker in workers}
+    for job_id, worker_id in done_by.items():
+        mentioned = [name for name, text in logs.items() if job_id in text]
+        assert mentioned == [worker_id], f"{job_id}: store says {worker_id}, named in the logs of {mentioned}"
+    assert store.counts().get("completed") == 12 and store.counts().get("queued", 0) == 0
+    store.close()
+    assert server.stop() == 0
+
+
+def test_killed_worker_loses_its_job_to_the_other(postgres_url, wan_processes):
+    """SIGKILL the worker running a job: once its 2 s lease runs out the other worker takes it and finishes."""
+    server = wan_processes.serve("--db", postgres_url, "--workers", "0")
+    workers = {name: wan_processes.worker(postgres_url, "--lease-seconds", "2", worker_id=name, wait=False)
+               for name in ("wa", "wb")}
+    for worker in workers.values():
+        worker.wait_ready()
+    store = JobStore(postgres_url)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        # Long enough (40 steps, 17 frames at 64x64) to be surely mid-way when the kill lands.
+        job_id = submit(client, "a green triangle moving up", num_inference_steps=40, num_frames=17, size="64x64")
+        deadline = time.monotonic() + 60
+        while (job := store.get(job_id)).status != "in_progress" or job.progress < 1:
+            assert job.status in ("queued", "in_progress") and time.monotonic() < deadline, job
+            time.sleep(0.05)
+        victim, one_run = job.worker_id, job.attempts
+        survivor = ({"wa", "wb"} - {victim}).pop()
+        workers[victim].kill()
+        killed_at = time.monotonic()
+        assert store.get(job_id).status == "in_progress"  # nobody may take it before the lease expires
+
+        video = wait_until_finished(client, [job_id], timeout=120)[job_id]
+        assert video["status"] == "completed", video
+        assert time.monotonic() - killed_at >= 1.5  # the survivor waited for the lease (2 s)
+        job = store.get(job_id)
+        assert (job.worker_id, job.attempts) == (survivor, one_run + 1)
+        assert decoded_frames(client.get(f"/v1/videos/{job_id}/content").content) == (17, 64, 64)
+    store.close()
