@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Dependency order (models <- kernels <- runtime <- train <- cli): older pips resolve editables in order.
-PACKAGES := $(wildcard $(addprefix packages/,wan-models wan-kernels wan-runtime wan-train wan-cli))
+# Dependency order (models <- kernels <- runtime <- train, serve <- cli): older pips resolve editables in order.
+PACKAGES := $(wildcard $(addprefix packages/,wan-models wan-kernels wan-runtime wan-train wan-serve wan-cli))
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo install clean

@@ -20,6 +20,7 @@ from wan_cli import generate as gen
 from wan_models.configs import Sampling
 from wan_models.loading import read_checkpoint
 from wan_runtime import WanVideoPipeline, tiny_release, video_io
+from wan_runtime.sources import folder_entry
 
 T2V = "Wan-AI/Wan2.1-T2V-1.3B"
 
@@ -180,17 +181,17 @@ def test_a_folder_without_a_matching_entry_takes_the_old_defaults(release) -> No
 
 def test_a_folder_takes_the_settings_of_the_entry_its_dit_matches(release, twin_entries, monkeypatch, tmp_path) -> None:
     monkeypatch.delitem(wan_models.MODELS, "Tiny-B")
-    assert gen.folder_entry(release) == ("Tiny-A", ["Tiny-A"])
+    assert folder_entry(release) == ("Tiny-A", ["Tiny-A"])
     settings, source, entry = gen.default_settings(str(release))
     assert entry == "Tiny-A" and settings.steps == 7 and f"(matched by {release}'s DiT)" in source
 
 
 def test_a_folder_name_tells_entries_of_one_config_apart(release, twin_entries, tmp_path) -> None:
-    assert gen.folder_entry(release) == (None, ["Tiny-A", "Tiny-B"])  # "Wan2.1-T2V-1.3B" names neither
+    assert folder_entry(release) == (None, ["Tiny-A", "Tiny-B"])  # "Wan2.1-T2V-1.3B" names neither
     _, source, _ = gen.default_settings(str(release))
     assert "its DiT fits Tiny-A, Tiny-B, which its name does not tell apart" in source
-    assert gen.folder_entry(_named(release, tmp_path, "Tiny-A"))[0] == "Tiny-A"
-    assert gen.folder_entry(_named(release, tmp_path, "tiny-b-hf"))[0] == "Tiny-B"  # the Hub id, any case
+    assert folder_entry(_named(release, tmp_path, "Tiny-A"))[0] == "Tiny-A"
+    assert folder_entry(_named(release, tmp_path, "tiny-b-hf"))[0] == "Tiny-B"  # the Hub id, any case
 
 
 def test_generate_on_a_matched_folder_logs_the_entry(generated, release, twin_entries, tmp_path) -> None:

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 import wan_models
-from wan_cli.model_source import registry_source
+from wan_runtime.sources import registry_source
 from wan_models.configs import CLIP_FILE, DIT_FILES, T5_FILE, T5_TOKENIZER, VAE_FILE
 from wan_runtime import hubs, manifest, tiny_release
 from wan_runtime.model_config import (

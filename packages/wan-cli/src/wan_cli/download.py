@@ -32,7 +32,7 @@ def download(
     """
     from wan_runtime.model_config import redirect_common_files
 
-    from .model_source import registry_source
+    from wan_runtime.sources import registry_source
 
     try:
         files = registry_source(model, source)

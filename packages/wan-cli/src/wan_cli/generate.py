@@ -56,32 +56,6 @@ def registry_settings(sampling: Any) -> Settings:
                     sampling.default_sampler, low, sampling.boundary if pair else None)
 
 
-def folder_entry(folder: Path) -> tuple[Optional[str], list[str]]:
-    """The registry entry whose DiT config a model folder's DiT has (its name picks among entries sharing
-    one config), and every entry of that config; None when none matches or the name cannot tell them apart."""
-    import wan_models
-    from wan_models.configs import DIT_FILES, EXPERT_FOLDERS
-    from wan_models.loading import read_checkpoint
-
-    # A single DiT, or an expert pair's high-noise expert (both experts share one config).
-    files = sorted(folder.glob(DIT_FILES)) or sorted((folder / EXPERT_FOLDERS[0]).glob(DIT_FILES))
-    if not files:
-        return None, []
-    try:
-        config = read_checkpoint(files, network="dit").config
-    except (ValueError, OSError):  # an unreadable DiT: loading it reports why
-        return None, []
-    candidates = [name for name, spec in wan_models.MODELS.items() if spec.config == config]
-    named = [name for name in candidates if folder.name.lower() in
-             {name.lower(), *(repo.rsplit("/", 1)[-1].lower()
-                              for repo in (wan_models.MODELS[name].model_id, wan_models.MODELS[name].hf_id))}]
-    if len(named) == 1:
-        return named[0], candidates
-    if len({wan_models.MODELS[name].sampling for name in candidates}) == 1:  # the same settings either way
-        return candidates[0], candidates
-    return None, candidates
-
-
 def default_settings(model: Optional[str]) -> tuple[Settings, str, Optional[str]]:
     """The flags' defaults for ``--model``, where they come from (for the log line) and the registry entry."""
     import wan_models
@@ -92,6 +66,8 @@ def default_settings(model: Optional[str]) -> tuple[Settings, str, Optional[str]
         settings = dataclasses.replace(FALLBACK_SETTINGS, **tiny)
         return settings, "the embedded tiny-shapes model", None
     if Path(model).is_dir():
+        from wan_runtime.sources import folder_entry
+
         entry, candidates = folder_entry(Path(model))
         if entry is None:
             why = (f"its DiT fits {', '.join(candidates)}, which its name does not tell apart" if candidates
@@ -350,7 +326,7 @@ def generate(
     from wan_runtime.presets import expert_module
     from wan_runtime.video_io import load_image, load_video, save_video
 
-    from .model_source import resolve_model
+    from wan_runtime.sources import resolve_model
 
     if vram_limit is not None and not offload:
         raise typer.BadParameter("--vram-limit needs --offload", param_hint="--vram-limit")

@@ -17,11 +17,11 @@ os.environ.setdefault("TYPER_USE_RICH", "0")
 
 import typer  # noqa: E402
 
-from . import convert, download, generate, info, models, train  # noqa: E402
+from . import convert, download, generate, info, models, serve, train  # noqa: E402
 
 app = typer.Typer(help="Wan 2.1 video generation: make videos, fetch, inspect and convert models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for module in (generate, download, models, info, convert, train):
+for module in (generate, download, models, info, convert, train, serve):
     module.register(app)
 
 # Errors whose message tells the user what to fix; anything else is reported as unexpected.

@@ -1,4 +1,5 @@
-"""``--model``: a registry name (files fetched into the models folder) or a local model folder."""
+"""Model sources: a registry name (files fetched into the models folder) or a local model folder, as the
+``ModelConfig``s the pipeline loads (shared by `wan generate`, `wan download` and wan-serve)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from pathlib import Path
 
 import wan_models
 from wan_models.configs import CLIP_FILE, DIT_FILES, EXPERT_FOLDERS, T5_FILE, T5_TOKENIZER, VAE22_FILE, VAE_FILE
-from wan_runtime import hubs
-from wan_runtime.model_config import ModelConfig
+from wan_models.loading import read_checkpoint
+
+from . import hubs
+from .model_config import ModelConfig
 
 # Expert DiTs high-noise first; each DiT's config.json travels with it (the loader reads it from beside the files).
 NETWORK_PATTERNS = (DIT_FILES, *(folder + DIT_FILES for folder in EXPERT_FOLDERS), T5_FILE, VAE_FILE, VAE22_FILE,
@@ -72,3 +75,25 @@ def resolve_model(model: str) -> ModelSource:
         return registry_source(model)
     raise ValueError(f"--model {model!r} is neither a folder nor a known model; known models: "
                      f"{', '.join(wan_models.MODELS)} (see `wan models`)")
+
+
+def folder_entry(folder: Path) -> tuple[str | None, list[str]]:
+    """The registry entry whose DiT config a model folder's DiT has (its name picks among entries sharing
+    one config), and every entry of that config; None when none matches or the name cannot tell them apart."""
+    # A single DiT, or an expert pair's high-noise expert (both experts share one config).
+    files = sorted(folder.glob(DIT_FILES)) or sorted((folder / EXPERT_FOLDERS[0]).glob(DIT_FILES))
+    if not files:
+        return None, []
+    try:
+        config = read_checkpoint(files, network="dit").config
+    except (ValueError, OSError):  # an unreadable DiT: loading it reports why
+        return None, []
+    candidates = [name for name, spec in wan_models.MODELS.items() if spec.config == config]
+    named = [name for name in candidates if folder.name.lower() in
+             {name.lower(), *(repo.rsplit("/", 1)[-1].lower()
+                              for repo in (wan_models.MODELS[name].model_id, wan_models.MODELS[name].hf_id))}]
+    if len(named) == 1:
+        return named[0], candidates
+    if len({wan_models.MODELS[name].sampling for name in candidates}) == 1:  # the same settings either way
+        return candidates[0], candidates
+    return None, candidates
