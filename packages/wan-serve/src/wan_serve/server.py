@@ -54,7 +54,7 @@ def _expire_loop(store: JobStore, stop: threading.Event, interval: float) -> Non
 
 def serve(config: ServeConfig) -> None:
     """Run the server until SIGTERM/SIGINT (blocks). Logs "wan serve: listening on http://HOST:PORT" once
-    it accepts connections."""
+    it accepts connections and its workers have loaded the models."""
     import uvicorn
 
     config.check_bind()
@@ -75,9 +75,9 @@ def serve(config: ServeConfig) -> None:
                                            access_log=False, lifespan="off"))
 
     def announce() -> None:
-        while not server.started and not stop.wait(0.05):
+        while not (server.started and all(w.ready.is_set() for w in workers)) and not stop.wait(0.05):
             pass
-        if server.started:
+        if not stop.is_set():
             port = server.servers[0].sockets[0].getsockname()[1] if server.servers else config.port
             host = f"[{config.host}]" if ":" in config.host else config.host
             logger.info("wan serve: listening on http://%s:%d (models: %s; %d worker(s); store %s)", host, port,
@@ -115,6 +115,7 @@ def work(config: ServeConfig, worker_id: str | None = None) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        worker.preload()
         logger.info("wan worker %s: waiting for jobs (models: %s; device %s; store %s)", worker.worker_id,
                     ", ".join(catalog.names()), worker.device, _redacted(config.resolved_db_url()))
         worker.run_forever(stop)

@@ -301,9 +301,11 @@ def resolve_params(catalog: ModelCatalog, config: ServeConfig, params: dict[str,
         frames = seconds_to_frames(seconds, model.fps, model.temporal_multiple) if seconds else d["num_frames"]
     frames = round_up(frames, model.temporal_multiple, 1)
     if frames > config.max_frames:
-        which = "num_frames" if params.get("num_frames") not in (None, "") else "seconds"
-        raise ApiError(400, f"{frames} frames asked for ({which}), above the server's cap max_frames="
-                       f"{config.max_frames} ({config.max_frames / model.fps:.1f} s at {model.fps} fps)", which,
+        which = ("num_frames" if params.get("num_frames") not in (None, "") else "seconds" if seconds
+                 else None)
+        asked = f"asked for ({which})" if which else f"by default for {model.name}; pass num_frames or seconds"
+        raise ApiError(400, f"{frames} frames {asked}, above the server's cap max_frames={config.max_frames} "
+                       f"({config.max_frames / model.fps:.1f} s at {model.fps} fps)", which or "num_frames",
                        "above_cap")
     steps = _number(params, "num_inference_steps", int, 1) or d["num_inference_steps"]
     if steps > config.max_steps:

@@ -122,6 +122,17 @@ class Worker:
         self.metrics = metrics
         self.pipelines = PipelineCache(self.device, self.dtype, models_dir)
         self.shutdown = threading.Event()  # set by run_forever's stop: the running job stops at its next step
+        self.ready = threading.Event()  # set once preload() has loaded the models
+
+    def preload(self) -> None:
+        """Load every served model now, so the first job starts at once; a model that fails to load is
+        logged (its jobs then fail with the reason)."""
+        for model in self.catalog.models.values():
+            try:
+                self.pipelines.get(model)
+            except Exception:
+                logger.exception("worker %s: loading %s failed", self.worker_id, model.name)
+        self.ready.set()
 
     def run_once(self) -> bool:
         """Claim and run one job; False when none was waiting."""
@@ -132,9 +143,12 @@ class Worker:
         return True
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Run jobs until ``stop`` is set; a job held when stopping goes back to the queue."""
-        logger.info("worker %s on %s: waiting for jobs", self.worker_id, self.device)
+        """Run jobs until ``stop`` is set (models preloaded first); a job held when stopping goes back to
+        the queue."""
         self.shutdown = stop
+        if not self.ready.is_set():
+            self.preload()
+        logger.info("worker %s on %s: waiting for jobs", self.worker_id, self.device)
         while not stop.is_set():
             try:
                 if self.run_once():
