@@ -72,7 +72,7 @@ def serve(config: ServeConfig) -> None:
     threads.append(threading.Thread(target=_expire_loop, name="expire", daemon=True,
                                     args=(store, stop, min(MAX_EXPIRE_INTERVAL, config.retention_seconds / 10))))
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           access_log=False, lifespan="off"))
+                                           access_log=False, lifespan="on"))
 
     def announce() -> None:
         while not (server.started and all(w.ready.is_set() for w in workers)) and not stop.wait(0.05):
