@@ -13,17 +13,16 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from serve.jobs_support import WanProcesses
 
 PG_BINDIR = Path(os.environ.get("WAN_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 PG_USER = "nobody"  # used when the tests run as root; created when missing
@@ -32,8 +31,6 @@ INSTALL_HINT = (
     "`make test` does it through tools/ensure_test_system.sh), or point WAN_TEST_PG_BINDIR at the folder "
     "holding initdb and pg_ctl"
 )
-WAN = Path(sys.executable).with_name("wan")  # the console script of the venv running the tests
-START_TIMEOUT = 90.0
 
 
 def free_port() -> int:
@@ -135,112 +132,6 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """The URL of a fresh database on the session's PostgreSQL server."""
     return postgres_server.create_database()
-
-
-# --- `wan serve` / `wan worker` processes -----------------------------------------------------------------
-
-
-@dataclass
-class WanProcess:
-    """One `wan serve` or `wan worker` subprocess, its output in ``log_path``."""
-
-    name: str  # "serve", or the worker's id
-    args: list[str]
-    log_path: Path
-    ready_text: str
-    url: str | None = None  # http://127.0.0.1:PORT for `wan serve`
-    proc: subprocess.Popen | None = field(default=None, repr=False)
-
-    def start(self, env: dict[str, str]) -> "WanProcess":
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        finally:
-            log.close()
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> "WanProcess":
-        """Wait for the ready log line (and, for a server, a 200 from /healthz); fail with the log if it dies."""
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.args} exited with {self.proc.returncode} before it was ready:\n"
-                            f"{self.log()[-4000:]}", pytrace=False)
-            if self.ready_text in self.log():
-                if self.url is None:
-                    return self
-                try:
-                    if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.1)
-        pytest.fail(f"{self.args} not ready after {timeout:.0f} s (no {self.ready_text!r}):\n"
-                    f"{self.log()[-4000:]}", pytrace=False)
-
-    def kill(self) -> None:
-        """SIGKILL: the process gets no chance to clean up (what the durability tests are about)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit within ``timeout``; returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        return self.proc.returncode
-
-
-class WanProcesses:
-    """Starts `wan serve` / `wan worker` on the tiny model (CPU, float32) and stops every one at the end."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.started: list[WanProcess] = []
-        if not WAN.exists():
-            pytest.fail(f"the `wan` command is not installed beside {sys.executable}: run `make install`",
-                        pytrace=False)
-        # One thread per process: several of them share the CI machine's two cores.
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.env.pop("WAN_API_TOKEN", None)
-
-    def serve(self, *args: str, state_dir: Path | None = None, port: int | None = None,
-              name: str = "serve", wait: bool = True) -> WanProcess:
-        """`wan serve` on a free port (or ``port``); ``state_dir`` defaults to a fresh temp folder."""
-        port = port or free_port()
-        state_dir = state_dir or Path(tempfile.mkdtemp(prefix="state-", dir=self.tmp))
-        argv = [str(WAN), "serve", "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
-                "--device", "cpu", "--dtype", "float32", *args]
-        proc = WanProcess(name, argv, self.tmp / f"{name}.log", ready_text="wan serve: listening on",
-                          url=f"http://127.0.0.1:{port}")
-        self.started.append(proc.start(self.env))
-        return proc.wait_ready() if wait else proc
-
-    def worker(self, db_url: str, *args: str, worker_id: str, wait: bool = True) -> WanProcess:
-        """`wan worker --db URL --worker-id ID` on the tiny model."""
-        argv = [str(WAN), "worker", "--db", db_url, "--worker-id", worker_id, "--device", "cpu",
-                "--dtype", "float32", *args]
-        proc = WanProcess(worker_id, argv, self.tmp / f"worker-{worker_id}.log",
-                          ready_text=f"wan worker {worker_id}: waiting for jobs")
-        self.started.append(proc.start(self.env))
-        return proc.wait_ready() if wait else proc
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.started):
-            proc.stop()
 
 
 @pytest.fixture

@@ -1,12 +1,24 @@
-"""Helpers of the process-level serve tests (test_postgres.py, test_restart.py): submit, wait, decode."""
+"""Helpers of the process-level serve tests (test_postgres.py, test_restart.py): real `wan serve` /
+`wan worker` subprocesses, and submitting, waiting for and decoding jobs over HTTP."""
 
 from __future__ import annotations
 
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import av
 import httpx
+import pytest
+
+WAN = Path(sys.executable).with_name("wan")  # the console script of the venv running the tests
+START_TIMEOUT = 120.0
 
 TINY = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}  # a fast tiny-model job (4k+1 frames)
 
@@ -56,3 +68,107 @@ def attempts_after_one_run(folder) -> int:
         return store.claim("probe-worker", ["probe"], 60.0).attempts
     finally:
         store.close()
+
+
+@dataclass
+class WanProcess:
+    """One `wan serve` or `wan worker` subprocess, its output in ``log_path``."""
+
+    name: str  # names its log file: the worker's id for a worker
+    args: list[str]
+    log_path: Path
+    ready_text: str
+    url: str | None = None  # http://127.0.0.1:PORT of a `wan serve`, read from its ready line
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> "WanProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> "WanProcess":
+        """Wait for the ready log line (and, for a server, a 200 from /healthz); fail with the log if the
+        process dies first or takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"{self.args} exited with {self.proc.returncode} before it was ready:\n"
+                            f"{self.log()[-4000:]}", pytrace=False)
+            found = re.search(re.escape(self.ready_text) + r"( http://[\w.:\[\]-]+)?", self.log())
+            if found and self.args[1] == "worker":
+                return self
+            if found and found.group(1):
+                self.url = found.group(1).strip()
+                try:
+                    if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.1)
+        pytest.fail(f"{self.args} not ready after {timeout:.0f} s (no {self.ready_text!r}):\n"
+                    f"{self.log()[-4000:]}", pytrace=False)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up (what the durability tests are about)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        return self.proc.returncode
+
+
+class WanProcesses:
+    """Starts `wan serve` / `wan worker` on the embedded tiny model (CPU, float32) with their output in
+    ``folder``; :meth:`stop_all` stops every one still running."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: list[WanProcess] = []
+        if not WAN.exists():
+            pytest.fail(f"the `wan` command is not installed beside {sys.executable}: run `make install`",
+                        pytrace=False)
+        # One thread per process: several of them share the CI machine's two cores.
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.env.pop("WAN_API_TOKEN", None)
+
+    def serve(self, *args: str, state_dir: Path | None = None, name: str = "serve", wait: bool = True) -> WanProcess:
+        """`wan serve` on a port the OS picks (read back from its ready line); ``state_dir`` defaults to a
+        folder named after ``name``."""
+        state_dir = state_dir or self.folder / f"state-{name}"
+        argv = [str(WAN), "serve", "--host", "127.0.0.1", "--port", "0", "--state-dir", str(state_dir),
+                "--device", "cpu", "--dtype", "float32", *args]
+        proc = WanProcess(name, argv, self.folder / f"{name}.log", ready_text="wan serve: listening on")
+        self.started.append(proc.start(self.env))
+        return proc.wait_ready() if wait else proc
+
+    def worker(self, db_url: str, *args: str, worker_id: str, wait: bool = True) -> WanProcess:
+        """`wan worker --db URL --worker-id ID` on the tiny model."""
+        argv = [str(WAN), "worker", "--db", db_url, "--worker-id", worker_id, "--device", "cpu",
+                "--dtype", "float32", *args]
+        proc = WanProcess(worker_id, argv, self.folder / f"worker-{worker_id}.log",
+                          ready_text=f"wan worker {worker_id}: waiting for jobs")
+        self.started.append(proc.start(self.env))
+        return proc.wait_ready() if wait else proc
+
+    def stop_all(self) -> None:
+        """SIGTERM to every process at once, then wait for each (SIGKILL after 30 s)."""
+        for proc in self.started:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGTERM)
+        for proc in self.started:
+            proc.stop()

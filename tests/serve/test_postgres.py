@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
+from typing import Iterator
 
 import httpx
+import pytest
 
-from serve.jobs_support import attempts_after_one_run, decoded_frames, submit, wait_until_finished
+from serve.jobs_support import (WanProcess, WanProcesses, attempts_after_one_run, decoded_frames, submit,
+                                wait_until_finished)
 from wan_serve.store import JobStore
+
+LEASE = "2"  # seconds, for the workers of the process tests
 
 
 def _job_fields(i: int) -> dict:
@@ -81,18 +87,40 @@ def test_expired_lease_moves_the_job_to_another_claimer(postgres_url):
     store.close()
 
 
-def test_two_worker_processes_share_the_queue(postgres_url, wan_processes, tmp_path):
+@dataclass
+class Cluster:
+    """`wan serve --workers 0` and two `wan worker` processes ("wa", "wb") on one PostgreSQL database."""
+
+    db_url: str
+    server: WanProcess
+    workers: dict[str, WanProcess]
+
+
+@pytest.fixture(scope="module")
+def cluster(postgres_server, tmp_path_factory) -> Iterator[Cluster]:
+    """Started once for this module's two process tests (the second kills a worker, so it runs last);
+    the three processes start side by side, and short leases (2 s) make a dead worker's job move soon."""
+    db_url = postgres_server.create_database()
+    procs = WanProcesses(tmp_path_factory.mktemp("pg-cluster"))
+    try:
+        server = procs.serve("--db", db_url, "--workers", "0", wait=False)
+        workers = {name: procs.worker(db_url, "--lease-seconds", LEASE, worker_id=name, wait=False)
+                   for name in ("wa", "wb")}
+        for proc in (server, *workers.values()):
+            proc.wait_ready()
+        yield Cluster(db_url, server, workers)
+    finally:
+        procs.stop_all()
+
+
+def test_two_worker_processes_share_the_queue(cluster, tmp_path):
     """12 jobs over HTTP, run by two `wan worker` processes: each done once, none lost, all playable."""
     one_run = attempts_after_one_run(tmp_path)
-    server = wan_processes.serve("--db", postgres_url, "--workers", "0")
-    workers = [wan_processes.worker(postgres_url, worker_id=name, wait=False) for name in ("wa", "wb")]
-    for worker in workers:
-        worker.wait_ready()
-    store = JobStore(postgres_url)
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    store = JobStore(cluster.db_url)
+    with httpx.Client(base_url=cluster.server.url, timeout=30) as client:
         ids = [submit(client, f"a blue square moving right, clip {i}", seed=i) for i in range(12)]
         assert len(set(ids)) == 12
-        finished = wait_until_finished(client, ids, timeout=150)
+        finished = wait_until_finished(client, ids, timeout=120)
         assert {video["status"] for video in finished.values()} == {"completed"}, finished
         done_by: dict[str, str] = {}
         for job_id in ids:
@@ -104,40 +132,36 @@ def test_two_worker_processes_share_the_queue(postgres_url, wan_processes, tmp_p
             assert decoded_frames(content.content) == (5, 32, 32)
     assert set(done_by.values()) == {"wa", "wb"}, f"one worker did everything: {done_by}"
     # Each worker's own log names exactly the jobs the store says it did: no job ran in both.
-    logs = {worker.name: worker.log() for worker in workers}
+    logs = {name: worker.log() for name, worker in cluster.workers.items()}
     for job_id, worker_id in done_by.items():
         mentioned = [name for name, text in logs.items() if job_id in text]
         assert mentioned == [worker_id], f"{job_id}: store says {worker_id}, named in the logs of {mentioned}"
-    assert store.counts().get("completed") == 12 and store.counts().get("queued", 0) == 0
+    counts = store.counts()
+    assert (counts["completed"], counts["queued"], counts["in_progress"]) == (12, 0, 0), counts
     store.close()
-    assert server.stop() == 0
 
 
-def test_killed_worker_loses_its_job_to_the_other(postgres_url, wan_processes):
-    """SIGKILL the worker running a job: once its 2 s lease runs out the other worker takes it and finishes."""
-    server = wan_processes.serve("--db", postgres_url, "--workers", "0")
-    workers = {name: wan_processes.worker(postgres_url, "--lease-seconds", "2", worker_id=name, wait=False)
-               for name in ("wa", "wb")}
-    for worker in workers.values():
-        worker.wait_ready()
-    store = JobStore(postgres_url)
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        # Long enough (40 steps, 17 frames at 64x64) to be surely mid-way when the kill lands.
+def test_killed_worker_loses_its_job_to_the_other(cluster):
+    """SIGKILL the worker running a job: once its lease runs out the other worker takes it and finishes."""
+    store = JobStore(cluster.db_url)
+    with httpx.Client(base_url=cluster.server.url, timeout=30) as client:
+        # 40 steps of 17 frames at 64x64 (~3 s on one core): surely mid-way when the kill lands.
         job_id = submit(client, "a green triangle moving up", num_inference_steps=40, num_frames=17, size="64x64")
         deadline = time.monotonic() + 60
         while (job := store.get(job_id)).status != "in_progress" or job.progress < 1:
             assert job.status in ("queued", "in_progress") and time.monotonic() < deadline, job
-            time.sleep(0.05)
+            time.sleep(0.02)
         victim, one_run = job.worker_id, job.attempts
         survivor = ({"wa", "wb"} - {victim}).pop()
-        workers[victim].kill()
+        cluster.workers[victim].kill()
         killed_at = time.monotonic()
         assert store.get(job_id).status == "in_progress"  # nobody may take it before the lease expires
 
-        video = wait_until_finished(client, [job_id], timeout=120)[job_id]
+        video = wait_until_finished(client, [job_id], timeout=90)[job_id]
         assert video["status"] == "completed", video
-        assert time.monotonic() - killed_at >= 1.5  # the survivor waited for the lease (2 s)
+        assert time.monotonic() - killed_at >= float(LEASE) - 1  # the survivor waited for the lease
         job = store.get(job_id)
         assert (job.worker_id, job.attempts) == (survivor, one_run + 1)
         assert decoded_frames(client.get(f"/v1/videos/{job_id}/content").content) == (17, 64, 64)
+    assert job_id in cluster.workers[survivor].log()
     store.close()
