@@ -1,16 +1,21 @@
 """The page in-process (no browser): a token makes every Gradio route ask for the login, the token as the
 password (and that login opens no API route); the form starts at the tiny model's own defaults; bad input is
-refused with the service's message before a job exists; a table row names no file. The browser test
+refused with the service's message before a job exists; an image model's form takes a start image, which
+reaches the job as it was dropped; a table row names no file. The browser test
 (test_browser.py) drives the whole page against a real server."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
+from PIL import Image
 from fastapi.testclient import TestClient
 
+from wan_runtime import tiny_release
 from wan_runtime.assets import DEFAULT_MODEL_NAME, DEFAULT_MODEL_SETTINGS
 from wan_serve import ServeConfig, create_app
 from wan_serve.page import _Page, mount_page
@@ -76,6 +81,32 @@ def test_bad_input_is_refused_before_a_job_exists(tmp_path: Path, catalog: Model
             with pytest.raises(gr.Error, match=words):
                 next(run)
         assert store.list()[0] == []
+    finally:
+        store.close()
+
+
+def test_an_image_model_takes_the_dropped_image(tmp_path: Path) -> None:
+    folder = tiny_release.write_release(tmp_path / "models", "Wan2.1-I2V-14B-480P")
+    catalog = ModelCatalog([str(folder)])
+    name = catalog.names()[0]
+    config = ServeConfig(state_dir=str(tmp_path / "state"), workers=0)
+    store = JobStore(config.resolved_db_url())
+    try:
+        page = _Page(store, catalog, config)
+        *_, image_update = page.defaults(name)
+        assert image_update["visible"] is True
+        png = io.BytesIO()
+        pixels = np.random.default_rng(5).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(png, format="PNG")
+        dropped = tmp_path / "start.png"
+        dropped.write_bytes(png.getvalue())
+        run = page.generate(name, "a cat turns its head", "64x48", 5, 11, 2, str(dropped))
+        status, video, rows = next(run)
+        run.close()
+        job_id = rows[0][0]
+        assert job_id in status and "queued, position 1" in status and video is None
+        assert store.get_blob(job_id, "input_reference") == png.getvalue()
+        assert store.get(job_id).params["seed"] == 11
     finally:
         store.close()
 
