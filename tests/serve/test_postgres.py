@@ -30,41 +30,66 @@ def _job_fields(i: int) -> dict:
             "seconds": "0.3", "num_frames": 5}
 
 
-def test_claim_is_atomic_under_concurrency(postgres_url):
-    """Eight claimers with their own connection pools, released at once, split 40 jobs with no job twice."""
-    seed = JobStore(postgres_url)
-    one_run = seed.create(_job_fields(-1), None) and seed.claim("probe", ["tiny-shapes"], 60.0).attempts
-    ids = [seed.create(_job_fields(i), None).id for i in range(40)]  # after the probe: it is claimed already
-    stores = [JobStore(postgres_url) for _ in range(8)]
-    barrier = threading.Barrier(len(stores))
-    claimed: dict[int, list[str]] = {n: [] for n in range(len(stores))}
+def _claim_concurrently(url: str, claimers: int = 8) -> dict[str, list[str]]:
+    """``claimers`` threads, each with its own JobStore (own connection pool), released at once by a barrier,
+    claim until the queue is empty; returns the ids each claimer got, by claimer name."""
+    stores = [JobStore(url) for _ in range(claimers)]
+    barrier = threading.Barrier(claimers)
+    claimed: dict[str, list[str]] = {f"claimer-{n}": [] for n in range(claimers)}
     errors: list[BaseException] = []
 
     def claim_all(n: int) -> None:
         try:
             barrier.wait(timeout=30)
             while (job := stores[n].claim(f"claimer-{n}", ["tiny-shapes"], 60.0)) is not None:
-                claimed[n].append(job.id)
+                claimed[f"claimer-{n}"].append(job.id)
         except BaseException as error:  # surfaced in the main thread below
             errors.append(error)
 
-    threads = [threading.Thread(target=claim_all, args=(n,)) for n in range(len(stores))]
+    threads = [threading.Thread(target=claim_all, args=(n,)) for n in range(claimers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
+    for store in stores:
+        store.close()
     assert not errors, errors
+    return claimed
+
+
+def _check_each_claimed_once(store: JobStore, claimed: dict[str, list[str]], ids: list[str], attempts: int) -> None:
     every_claim = [job_id for got in claimed.values() for job_id in got]
     assert len(every_claim) == len(set(every_claim)), "a job was claimed twice"
     assert sorted(every_claim) == sorted(ids), "a job was never claimed"
     assert sum(1 for got in claimed.values() if got) >= 2, claimed  # the claimers really ran side by side
-    for n, got in claimed.items():
+    for name, got in claimed.items():
         for job_id in got:
-            job = seed.get(job_id)
-            assert (job.status, job.worker_id, job.attempts) == ("in_progress", f"claimer-{n}", one_run)
-    assert seed.counts()["in_progress"] == len(ids) + 1 and seed.counts()["queued"] == 0
-    for store in (seed, *stores):
-        store.close()
+            job = store.get(job_id)
+            assert (job.status, job.worker_id, job.attempts) == ("in_progress", name, attempts)
+
+
+def test_claim_is_atomic_under_concurrency(postgres_url):
+    """Eight claimers with their own connection pools, released at once, split 40 jobs with no job twice."""
+    store = JobStore(postgres_url)
+    one_run = store.create(_job_fields(-1), None) and store.claim("probe", ["tiny-shapes"], 60.0).attempts
+    ids = [store.create(_job_fields(i), None).id for i in range(40)]  # after the probe: it is claimed already
+    _check_each_claimed_once(store, _claim_concurrently(postgres_url), ids, one_run)
+    assert store.counts()["in_progress"] == len(ids) + 1 and store.counts()["queued"] == 0
+    store.close()
+
+
+def test_expired_leases_are_reclaimed_once_under_concurrency(postgres_url):
+    """24 jobs whose claimer went silent: eight claimers at once re-queue and take each exactly once."""
+    store = JobStore(postgres_url)
+    ids = [store.create(_job_fields(i), None).id for i in range(24)]
+    first_runs = []
+    while (job := store.claim("gone", ["tiny-shapes"], 2.0)) is not None:
+        first_runs.append((job.id, job.attempts))
+    one_run = first_runs[0][1]
+    assert sorted(first_runs) == sorted((job_id, one_run) for job_id in ids)  # each claimed once, none expired
+    time.sleep(2.1)
+    _check_each_claimed_once(store, _claim_concurrently(postgres_url), ids, one_run + 1)
+    store.close()
 
 
 def test_expired_lease_moves_the_job_to_another_claimer(postgres_url):
