@@ -23,7 +23,7 @@ from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 from openai.types import Video
 from PIL import Image
 
-from serve.conftest import WanProcess, WanProcesses
+from serve.jobs_support import WanProcess, WanProcesses
 from wan_runtime import tiny_release
 
 pytestmark = pytest.mark.filterwarnings(
