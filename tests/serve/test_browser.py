@@ -149,6 +149,9 @@ def test_page_generates_plays_and_lists_the_job(wan_processes: Any, browser: web
         finally:
             stored.close()
         assert (params["num_inference_steps"], params["seed"]) == (2, 1234)
+        # The page's job counts among the submissions, beside the API's.
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert 'wan_serve_jobs_submitted_total{model="tiny-shapes"} 2.0' in metrics
 
         # Past jobs stay listed: a fresh page shows the job in the table; selecting it plays it again.
         browser.get(server.url + "/")

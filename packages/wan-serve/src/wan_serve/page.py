@@ -25,13 +25,12 @@ import logging
 import re
 import shutil
 import tempfile
-import threading
 import time
 import weakref
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 from fastapi import FastAPI
@@ -54,11 +53,11 @@ class _Page:
     """The page's handlers: they read and write the store in-process and keep mp4 copies for Gradio."""
 
     def __init__(self, store: JobStore, catalog: ModelCatalog, config: ServeConfig,
-                 wake: threading.Event | None = None) -> None:
+                 on_submit: Callable[[Job], None] | None = None) -> None:
         self.store = store
         self.catalog = catalog
         self.config = config
-        self.wake = wake
+        self.on_submit = on_submit
         # gr.Video plays files; the store's videos are copied here once per job (under the temp folder,
         # which Gradio may serve from) and removed with the page.
         self.video_dir = Path(tempfile.mkdtemp(prefix="wan-serve-page-"))
@@ -89,8 +88,8 @@ class _Page:
             job = submit(self.store, self.catalog, self.config, params, image_bytes)
         except ApiError as error:
             raise gr.Error(error.message) from None
-        if self.wake is not None:
-            self.wake.set()  # in-process workers look at the queue now
+        if self.on_submit is not None:
+            self.on_submit(job)
         logger.info("page: submitted %s (%s)", job.id, job.model)
         shown = self.describe(job)
         yield shown, None, self.recent()
@@ -137,6 +136,8 @@ class _Page:
         if job.status == "completed":
             took = (job.completed_at or job.created_at) - job.created_at
             return _status(job, f"completed in {took} s")
+        if job.status == "cancelled" or job.cancel_requested:
+            return _status(job, "cancelled")
         error = job.error or {}
         return _status(job, f"{job.status}: {error.get('message', 'no reason given')}")
 
@@ -172,10 +173,10 @@ def _status(job: Job, text: str, progress: int | None = None) -> str:
 
 
 def build_page(store: JobStore, catalog: ModelCatalog, config: ServeConfig,
-               wake: threading.Event | None = None) -> gr.Blocks:
-    """The Blocks of the page (not mounted; :func:`mount_page` mounts it). ``wake`` is set on each submission
-    (the API's event for in-process workers)."""
-    page = _Page(store, catalog, config, wake)
+               on_submit: Callable[[Job], None] | None = None) -> gr.Blocks:
+    """The Blocks of the page (not mounted; :func:`mount_page` mounts it); ``on_submit(job)`` runs after each
+    job the page queues."""
+    page = _Page(store, catalog, config, on_submit)
     names = catalog.names()
     first = catalog.spec(names[0])
     d = first.defaults
@@ -216,14 +217,23 @@ def build_page(store: JobStore, catalog: ModelCatalog, config: ServeConfig,
 
 
 def mount_page(app: FastAPI, store: JobStore, catalog: ModelCatalog, config: ServeConfig) -> FastAPI:
-    """Mount the page at "/" on ``app``; call it after every API route is added (the mount catches the rest)."""
+    """Mount the page at "/" on ``app``; call it after every API route is added (the mount catches the rest).
+    A job queued from the page counts in the app's metrics and wakes its in-process workers, as the API's do."""
     token = config.token
+    wake = getattr(app.state, "wake", None)
+    metrics = getattr(app.state, "metrics", None)
 
     def check_login(_user: str, password: str) -> bool:
         return token is not None and hmac.compare_digest(password.encode(), token.encode())
 
+    def on_submit(job: Job) -> None:
+        if metrics is not None:
+            metrics.submitted.labels(job.model).inc()
+        if wake is not None:
+            wake.set()
+
     return gr.mount_gradio_app(
-        app, build_page(store, catalog, config, getattr(app.state, "wake", None)), path="/",
+        app, build_page(store, catalog, config, on_submit), path="/",
         auth=check_login if token is not None else None,
         auth_message="Sign in with the server's API token as the password (any user name).",
         max_file_size=config.max_upload_bytes, ssr_mode=False, run_history=False, mcp_server=False,
