@@ -21,7 +21,7 @@ from serve.jobs_support import (WanProcess, WanProcesses, attempts_after_one_run
                                 wait_until_finished)
 from wan_serve.store import JobStore
 
-LEASE = "2"  # seconds, for the workers of the process tests
+LEASE = "3"  # seconds, for the workers of the process tests (renewed every second)
 
 
 def _job_fields(i: int) -> dict:
@@ -124,7 +124,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(postgres_server, tmp_path_factory) -> Iterator[Cluster]:
     """Started once for this module's two process tests (the second kills a worker, so it runs last);
-    the three processes start side by side, and short leases (2 s) make a dead worker's job move soon."""
+    the three processes start side by side, and short leases (3 s) make a dead worker's job move soon."""
     db_url = postgres_server.create_database()
     procs = WanProcesses(tmp_path_factory.mktemp("pg-cluster"))
     try:

@@ -15,7 +15,7 @@ import httpx
 from serve.jobs_support import attempts_after_one_run, decoded_frames, submit
 from wan_serve.store import JobStore
 
-LEASE = "2"  # seconds: the killed server's lease on its running job runs out this fast
+LEASE = "3"  # seconds: the killed server's lease on its running job runs out this fast (renewed every second)
 
 
 def _check_completed_have_videos(client: httpx.Client, ids: list[str]) -> dict[str, dict]:
@@ -36,7 +36,7 @@ def _check_completed_have_videos(client: httpx.Client, ids: list[str]) -> dict[s
 def test_sigkill_and_restart_finish_every_job(tmp_path: Path, wan_processes):
     """Kill -9 with one job running and four queued (the last submitted just before the kill), restart on
     the same state: all five complete, each with its mp4 the moment it shows completed; only the running
-    one ran twice. (--lease-seconds 2: with the default 60 s the restarted server would take the running
+    one ran twice. (--lease-seconds 3: with the default 60 s the restarted server would take the running
     job back only after a minute.)"""
     state = tmp_path / "state"
     first = wan_processes.serve("--lease-seconds", LEASE, state_dir=state, name="serve-1")
