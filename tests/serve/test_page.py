@@ -1,8 +1,8 @@
 """The page in-process (no browser): a token makes every Gradio route ask for the login, the token as the
-password (and that login opens no API route); the form starts at the tiny model's own defaults; bad input is
-refused with the service's message before a job exists; an image model's form takes a start image, which
-reaches the job as it was dropped; a table row names no file. The browser test
-(test_browser.py) drives the whole page against a real server."""
+password (and that login opens no API route); the API keeps its paths and JSON errors beside the page mounted
+at "/"; the form starts at the tiny model's own defaults; bad input is refused with the service's message
+before a job exists; an image model's form takes a start image, which reaches the job as it was dropped; a
+table row names no file. The browser test (test_browser.py) drives the whole page against a real server."""
 
 from __future__ import annotations
 
@@ -69,6 +69,17 @@ def test_without_a_token_the_form_starts_at_the_model_defaults(tmp_path: Path, c
         assert props["image"]["visible"] is False  # the tiny model generates from text only
         # Offline: no telemetry, no run history kept in the browser, no MCP endpoint.
         assert [response.json()[key] for key in ("analytics_enabled", "run_history", "mcp_server")] == [False] * 3
+
+
+def test_the_api_keeps_its_paths_and_error_shape_beside_the_page(tmp_path: Path, catalog: ModelCatalog) -> None:
+    with _client(tmp_path, catalog) as client:
+        for method, path, status in (("get", "/v1/nothing", 404), ("put", "/v1/videos", 405),
+                                     ("post", "/healthz", 405), ("get", "/v1/videos/video_0", 404)):
+            response = client.request(method, path)
+            assert response.status_code == status, (method, path, response.text)
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}, response.text
+        assert client.get("/v1/models").json()["data"][0]["id"] == DEFAULT_MODEL_NAME
+        assert "<html" in client.get("/").text
 
 
 def test_bad_input_is_refused_before_a_job_exists(tmp_path: Path, catalog: ModelCatalog) -> None:

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterator
 
 import gradio as gr
 from fastapi import FastAPI
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
 from wan_runtime.files import atomic_path
 
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 JOB_COLUMNS = ["id", "status", "model", "prompt", "size", "frames", "created (UTC)"]
 RECENT_JOBS = 50
 PAGE_CSS = "#job-status progress { width: 100%; }"
+API_PATHS = ("/v1", "/healthz", "/metrics")  # left to the API, whose 404/405 errors have the OpenAI shape
 JOB_ID = re.compile(r"video_[0-9a-f]{24}")  # the store's id form; anything else never names a file
 
 
@@ -216,6 +219,16 @@ def build_page(store: JobStore, catalog: ModelCatalog, config: ServeConfig,
     return blocks
 
 
+class _PageMount(Mount):
+    """The page's mount at "/": every path but the API's (an unknown /v1 path gets the API's JSON 404)."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path = scope.get("path", "")
+        if any(path == prefix or path.startswith(prefix + "/") for prefix in API_PATHS):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def mount_page(app: FastAPI, store: JobStore, catalog: ModelCatalog, config: ServeConfig) -> FastAPI:
     """Mount the page at "/" on ``app``; call it after every API route is added (the mount catches the rest).
     A job queued from the page counts in the app's metrics and wakes its in-process workers, as the API's do."""
@@ -232,9 +245,14 @@ def mount_page(app: FastAPI, store: JobStore, catalog: ModelCatalog, config: Ser
         if wake is not None:
             wake.set()
 
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app, build_page(store, catalog, config, on_submit), path="/",
         auth=check_login if token is not None else None,
         auth_message="Sign in with the server's API token as the password (any user name).",
         max_file_size=config.max_upload_bytes, ssr_mode=False, run_history=False, mcp_server=False,
         footer_links=["gradio", "settings"], css=PAGE_CSS)
+    mounted = app.router.routes.pop()  # what mount_gradio_app just added
+    if not isinstance(mounted, Mount) or mounted.path != "":
+        raise RuntimeError(f"gradio.mount_gradio_app added {mounted!r}, not a Mount at '/'")
+    app.router.routes.append(_PageMount(mounted.path, app=mounted.app, name=mounted.name))
+    return app
