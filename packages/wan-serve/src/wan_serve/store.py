@@ -111,9 +111,9 @@ def new_job_id() -> str:
     return "video_" + secrets.token_hex(12)
 
 
-def _sqlite_engine(url: str) -> Engine:
-    """SQLite with every transaction ``BEGIN IMMEDIATE`` (the write lock up front: two claims never
-    interleave) and WAL (readers do not wait for the writer)."""
+def _sqlite_engine(url: str, immediate: bool) -> Engine:
+    """SQLite in WAL mode (readers never wait for the writer); with ``immediate`` every transaction is
+    ``BEGIN IMMEDIATE`` (the write lock up front: two claims never interleave), else a plain ``BEGIN``."""
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
 
     @event.listens_for(engine, "connect")
@@ -127,7 +127,7 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
 
@@ -143,11 +143,11 @@ class JobStore:
         self.url = url
         self.retention_seconds = retention_seconds
         self.is_sqlite = url.startswith("sqlite")
-        if self.is_sqlite:
+        if self.is_sqlite:  # writes take the lock up front; reads (self.reader) never take it
             self._sqlite_folder(url)
-            self.engine = _sqlite_engine(url)
+            self.engine, self.reader = _sqlite_engine(url, immediate=True), _sqlite_engine(url, immediate=False)
         else:
-            self.engine = create_engine(url, pool_pre_ping=True)
+            self.engine = self.reader = create_engine(url, pool_pre_ping=True)
         metadata.create_all(self.engine)
 
     @staticmethod
@@ -159,6 +159,7 @@ class JobStore:
     def close(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()
+        self.reader.dispose()
 
     # -- creating and reading -------------------------------------------------------------------
 
@@ -191,13 +192,13 @@ class JobStore:
 
     def by_idempotency_key(self, key: str) -> Job | None:
         """The job created with Idempotency-Key ``key``, or None."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.idempotency_key == key)).first()
         return _job(row) if row is not None else None
 
     def get(self, job_id: str) -> Job | None:
         """The job ``job_id``, or None."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
         return _job(row) if row is not None else None
 
@@ -207,7 +208,7 @@ class JobStore:
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
         query = select(jobs).where(jobs.c.status != "cancelled", jobs.c.cancel_requested.is_(False))
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             if after is not None:
                 seq = conn.execute(select(jobs.c.seq).where(jobs.c.id == after)).scalar()
                 if seq is None:
@@ -225,12 +226,12 @@ class JobStore:
 
     def get_blob(self, job_id: str, kind: str) -> bytes | None:
         """The blob ``kind`` of ``job_id``, or None."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return conn.execute(select(blobs.c.data).where(blobs.c.job_id == job_id, blobs.c.kind == kind)).scalar()
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each status (every status present, zeros included)."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
         found = {status: count for status, count in rows}
         return {status: int(found.get(status, 0)) for status in STATUSES}
@@ -239,7 +240,7 @@ class JobStore:
         """1 for the next job to run, 2 for the one after, ...; None unless ``job`` is queued."""
         if job.status != "queued":
             return None
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             ahead = conn.execute(select(func.count()).select_from(jobs).where(
                 jobs.c.status == "queued", jobs.c.seq < job.seq)).scalar()
         return int(ahead) + 1
