@@ -145,6 +145,7 @@ BAD_BODIES = [
     ({"prompt": "x", "sampler": "ddim"}, "sampler"),
     ({"prompt": "x", "loras": "missing"}, "loras"),
     ({"prompt": "x", "loras": "../../etc/passwd"}, "loras"),
+    ({"prompt": "x" * 20_001}, "prompt"),
     ({"prompt": "x", "temperature": "1"}, "temperature"),
 ]
 
@@ -233,6 +234,24 @@ def test_an_image_model_takes_the_upload_through_the_store(tmp_path_factory, tmp
     done = client.get(f"/v1/videos/{r.json()['id']}").json()
     assert done["status"] == "completed", done["error"]
     assert _frames(client.get(f"/v1/videos/{done['id']}/content").content) == (5, 32, 32)
+    app.state.store.close()
+
+
+def test_a_wan22_image_model_without_a_size_follows_the_image(tmp_path_factory, tmp_path) -> None:
+    from wan_runtime import tiny_release
+
+    folder = tiny_release.write_release(tmp_path_factory.mktemp("models"), "Wan2.2-TI2V-5B")
+    catalog = ModelCatalog([str(folder)])
+    app = create_app(ServeConfig(state_dir=str(tmp_path / "state")), catalog=catalog)
+    client = TestClient(app)
+    r = client.post("/v1/videos", data={"prompt": "a cat", "num_frames": "5"},
+                    files={"input_reference": ("in.png", _png(64, 32))})
+    # The tiny DiT matches no registry entry, so the default size is `wan generate`'s 832x480; TI2V's rule
+    # keeps that area at the image's 2:1 aspect, sides multiples of 32 (the 16x VAE), taking the closer
+    # ratio of two roundings: 864x448 (ratio 1.93) beats 960x416 (2.31).
+    assert r.status_code == 200, r.text
+    assert r.json()["size"] == "864x448"
+    assert client.post("/v1/videos", json={"prompt": "a cat", "num_frames": 5}).json()["size"] == "832x480"
     app.state.store.close()
 
 
@@ -352,3 +371,15 @@ def test_metrics(make) -> None:
     text = client.get("/metrics").text
     assert "wan_serve_queue_depth 1.0" in text and 'wan_serve_jobs{state="completed"} 1.0' in text
     assert _sample(worker, "wan_serve_step_seconds_count") == 2  # two steps of one job
+
+
+def test_wan_serve_refuses_a_public_host_without_a_token(capsys, monkeypatch) -> None:
+    import signal
+
+    from wan_cli.main import main
+
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's SIGTERM handler
+    monkeypatch.delenv("WAN_API_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--host", "0.0.0.0", "--port", "0"])
+    assert exit_.value.code == 2 and "refusing to listen on 0.0.0.0 without a token" in capsys.readouterr().err

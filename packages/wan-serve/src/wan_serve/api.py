@@ -154,9 +154,13 @@ def create_app(config: ServeConfig, store: JobStore | None = None, catalog: Mode
         _check_token(config, request)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        store.counts()  # the store answers
-        return {"status": "ok", "models": catalog.names()}
+    def healthz() -> JSONResponse:
+        try:
+            store.counts()  # the store answers
+        except Exception as e:
+            logger.warning("health check: the store does not answer: %s", e)
+            return JSONResponse({"status": "unavailable", "reason": "the job store does not answer"}, 503)
+        return JSONResponse({"status": "ok", "models": catalog.names()})
 
     @app.get("/metrics", dependencies=[Depends(auth)])
     def prometheus() -> Response:

@@ -24,7 +24,8 @@ MAX_EXPIRE_INTERVAL = 60.0
 
 def worker_devices(config: ServeConfig) -> list[str | None]:
     """The device of each in-process worker: ``config.device`` for all, except that several workers on a
-    machine with as many GPUs (device unset or "cuda") get one GPU each."""
+    machine with as many GPUs (device unset or "cuda") get one GPU each. Each worker keeps its own
+    pipelines, so workers sharing a device hold the models once each."""
     import torch
 
     count = config.workers

@@ -30,6 +30,7 @@ LORA_SUFFIXES = (".safetensors",)
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SAMPLERS = ("euler", "unipc", "dpmpp")
 MAX_SEED = 2 ** 63 - 1
+MAX_PROMPT = 20_000  # characters; the text encoder reads far fewer tokens
 # Tiny model settings beyond wan_runtime.assets.DEFAULT_MODEL_SETTINGS, as `wan generate` uses them.
 TINY_FPS = 15
 TINY_SHIFT = 5.0
@@ -55,7 +56,8 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class ServedModel:
     """One served model: its API id, what loads it, its defaults (request argument names plus ``fps``),
-    the size and frame rules its networks impose, and whether it takes an input image."""
+    the size and frame rules its networks impose, whether it takes an input image, and for Wan 2.2 image
+    models how a size left out follows the image (``image_fit``: "area" or "closest", wan_runtime.defaults)."""
 
     name: str
     source: str
@@ -63,6 +65,7 @@ class ServedModel:
     spatial_multiple: int = 16
     temporal_multiple: int = 4
     takes_image: bool = False
+    image_fit: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -87,6 +90,13 @@ def _sampling_defaults(sampling: Any) -> dict[str, Any]:
 def _image_dit(config: Any) -> bool:
     return bool(getattr(config, "image_input", False) or getattr(config, "conditioning", None) == "image"
                 or getattr(config, "fuses_image_latents", False))
+
+
+def _image_fit(config: Any) -> str | None:
+    """A Wan 2.2 image model's rule for the size of a request that gives an image and no size."""
+    if getattr(config, "family", None) != "wan2.2" or not _image_dit(config):
+        return None
+    return "closest" if config.fuses_image_latents else "area"
 
 
 def describe_model(model: str) -> ServedModel:
@@ -115,14 +125,15 @@ def describe_model(model: str) -> ServedModel:
         vae22 = (folder / VAE22_FILE).exists()
         defaults = _sampling_defaults(sampling) if sampling is not None else dict(FALLBACK)
         return ServedModel(folder.resolve().name, str(folder.resolve()), defaults, 32 if vae22 else 16, 4,
-                           _image_dit(config))
+                           _image_dit(config), _image_fit(config))
     if model in wan_models.MODELS:
         spec = wan_models.MODELS[model]
         base = wan_models.MODELS[spec.base_model] if spec.base_model else spec
         sampling = spec.sampling or base.sampling
         defaults = _sampling_defaults(sampling) if sampling is not None else dict(FALLBACK)
         vae22 = base.vae_file == VAE22_FILE
-        return ServedModel(model, model, defaults, 32 if vae22 else 16, 4, _image_dit(base.config))
+        return ServedModel(model, model, defaults, 32 if vae22 else 16, 4, _image_dit(base.config),
+                           _image_fit(base.config))
     raise ValueError(f"--model {model!r} is neither a folder nor a known model; known models: "
                      f"{', '.join(wan_models.MODELS)} (see `wan models`)")
 
@@ -234,7 +245,10 @@ def parse_loras(value: Any, lora_dir: Path) -> list[list[Any]]:
             known = ", ".join(sorted(p.stem for p in available.values())) or "none"
             raise ApiError(400, f"no LoRA named {name!r} in the server's LoRA folder; available: {known}", "loras",
                            "lora_not_found")
-        strength = _number({"strength": strength}, "strength", float)
+        try:
+            strength = _number({"strength": strength}, "strength", float)
+        except ApiError as e:
+            raise ApiError(400, f"LoRA {name!r}: {e.message}", "loras", "invalid_value") from None
         out.append([available[name].name, strength])
     return out
 
@@ -271,9 +285,10 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int) -> "Image.Image":
 # -- submitting ------------------------------------------------------------------------------------
 
 def resolve_params(catalog: ModelCatalog, config: ServeConfig, params: dict[str, Any],
-                   has_image: bool = False) -> tuple[ServedModel, dict[str, Any]]:
+                   image_size: tuple[int, int] | None = None) -> tuple[ServedModel, dict[str, Any]]:
     """The model and the full generation settings of a request: given values checked, missing ones from
-    the model's defaults, sizes rounded as the pipeline will round them, caps applied."""
+    the model's defaults, sizes rounded as the pipeline will round them, caps applied. ``image_size``
+    (width, height) is the uploaded image's: a Wan 2.2 image model without a size follows its aspect."""
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise ApiError(400, f"unknown parameter {unknown[0]!r}; accepted: {', '.join(PARAMS)}", unknown[0],
@@ -284,11 +299,18 @@ def resolve_params(catalog: ModelCatalog, config: ServeConfig, params: dict[str,
     prompt = _text(params, "prompt")
     if prompt is None:
         raise ApiError(400, "prompt is required (what the video shows)", "prompt", "missing_required_parameter")
-    if has_image and not model.takes_image:
+    if len(prompt) > MAX_PROMPT:
+        raise ApiError(400, f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT}", "prompt", "above_cap")
+    if image_size is not None and not model.takes_image:
         raise ApiError(400, f"model {model.name} generates from text only; it takes no input_reference",
                        "input_reference", "unsupported_input")
     size = _text(params, "size")
     width, height = parse_size(size) if size else (d["width"], d["height"])
+    if not size and image_size is not None and model.image_fit is not None:
+        from wan_runtime.defaults import fit_area, fit_area_closest_ratio
+
+        fit = fit_area_closest_ratio if model.image_fit == "closest" else fit_area
+        width, height = fit(*image_size, width * height, model.spatial_multiple)
     width, height = round_up(width, model.spatial_multiple), round_up(height, model.spatial_multiple)
     if width * height > config.max_pixels:
         raise ApiError(400, f"size {width}x{height} is {width * height} pixels, above the server's cap max_pixels="
@@ -353,9 +375,8 @@ def submit(store: JobStore, catalog: ModelCatalog, config: ServeConfig, params: 
         earlier = store.by_idempotency_key(idempotency_key)
         if earlier is not None:
             return _same_request(earlier, digest)
-    if image is not None:
-        check_image(image, config.max_upload_bytes, config.max_pixels)
-    model, resolved = resolve_params(catalog, config, params, has_image=image is not None)
+    size = check_image(image, config.max_upload_bytes, config.max_pixels).size if image is not None else None
+    model, resolved = resolve_params(catalog, config, params, size)
     fields = dict(model=model.name, prompt=resolved["prompt"], params=resolved,
                   size=f"{resolved['width']}x{resolved['height']}",
                   seconds=format_seconds(resolved["num_frames"], model.fps), num_frames=resolved["num_frames"],
