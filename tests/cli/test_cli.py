@@ -35,7 +35,8 @@ def read_video(path: Path) -> tuple[int, int, int]:
     return len(frames), frames[0].width, frames[0].height
 
 
-@pytest.mark.parametrize("command", ["", "generate", "download", "models", "info", "convert", "train"])
+@pytest.mark.parametrize("command", ["", "generate", "download", "models", "info", "convert", "train",
+                                     "serve", "worker"])
 def test_help(command: str) -> None:
     result = wan(*([command] if command else []), "--help")
     assert result.returncode == 0, result.stderr
