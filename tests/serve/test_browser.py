@@ -1,10 +1,12 @@
 """The page at "/" in a real headless browser: Debian's chromium driven by Selenium through chromium-driver.
 
 A real `wan serve` (subprocess, tiny model, temp state, free port) serves the page; the test types a prompt,
-sets the steps and seed, presses Generate, waits for a <video> that the browser has decoded and plays, checks
-the bytes it plays are the API's video and that the job carries the form's values, then reloads the page and
-plays the job again from the recent-jobs table. A screenshot is kept under the test's tmp folder (and in
-$TEST_ARTIFACTS when set). Without chromium the test fails and says how to install it: it is never skipped.
+sets the steps and seed, presses Generate while an API job holds the worker (the status shows queue position 1
+and a progress bar), waits for a <video> that the browser has decoded and plays, checks the bytes it plays and
+offers for download are the API's video and that the job carries the form's values, then reloads the page and
+plays the job again from the recent-jobs table; nothing is fetched from outside the server. Screenshots are kept
+under the test's tmp folder (and in $TEST_ARTIFACTS when set). Without chromium the test fails and says how to
+install it: it is never skipped.
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ def test_page_generates_plays_and_lists_the_job(wan_processes: Any, browser: web
         content = httpx.get(f"{server.url}/v1/videos/{job_id}/content", timeout=10)
         assert content.headers["content-type"] == "video/mp4"
         assert browser.execute_async_script(FETCH_LENGTH, state["src"]) == len(content.content)
+        download = browser.find_element(By.CSS_SELECTOR, "#result-video a[download]")
+        assert download.get_attribute("download") == f"{job_id}.mp4"
+        assert browser.execute_async_script(FETCH_LENGTH, download.get_attribute("href")) == len(content.content)
         assert state["duration"] == pytest.approx(float(job["seconds"]), abs=0.05)
         # The form's values reached the job (the tiny model's defaults are 64x64, 17 frames, more steps).
         stored = JobStore(f"sqlite:///{state_dir / 'jobs.db'}")
