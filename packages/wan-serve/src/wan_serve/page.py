@@ -138,7 +138,7 @@ class _Page:
             return _status(job, f"generating, {job.progress}%", job.progress)
         if job.status == "completed":
             took = (job.completed_at or job.created_at) - job.created_at
-            return _status(job, f"completed in {took} s")
+            return _status(job, f"completed, {took} s after it was submitted")
         if job.status == "cancelled" or job.cancel_requested:
             return _status(job, "cancelled")
         error = job.error or {}
