@@ -87,8 +87,12 @@ def serve(config: ServeConfig) -> None:
     for thread in threads:
         thread.start()
     threading.Thread(target=announce, name="announce", daemon=True).start()
+    # uvicorn handles SIGINT/SIGTERM (stops accepting, finishes open requests), then raises the signal again
+    # for the handler it found: make that one an interrupt, so the workers below still hand their jobs back.
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        server.run()  # handles SIGINT/SIGTERM itself: stops accepting, finishes open requests, returns
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
@@ -98,6 +102,13 @@ def serve(config: ServeConfig) -> None:
         for thread in threads:
             thread.join(timeout=30)
         store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logger.info("wan serve: stopped")
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def work(config: ServeConfig, worker_id: str | None = None) -> None:
