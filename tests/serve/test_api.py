@@ -179,6 +179,11 @@ def test_malformed_requests_get_the_error_shape_never_a_500(make) -> None:
     _error(client.post("/v1/videos", content=b"prompt=x", headers={"content-type": "text/plain"}), 415, None)
     _error(client.post("/v1/videos", content=b"{not json", headers={"content-type": "application/json"}), 400, None)
     _error(client.post("/v1/videos", json=["a list"]), 400, None)
+    huge = b'{"prompt": "' + b"x" * (12 * 1024 * 1024) + b'"}'
+    _error(client.post("/v1/videos", content=iter([huge[:1024], huge[1024:]]),  # chunked: no Content-Length
+                       headers={"content-type": "application/json"}), 413, None)
+    _error(client.post("/v1/videos", content=iter([b"--x--\r\n"]),
+                       headers={"content-type": "multipart/form-data; boundary=x"}), 411, None)
     _error(client.post("/v1/videos", json={"prompt": 5}), 400, "prompt")
     _error(client.post("/v1/videos", json={"prompt": "x", "seed": True}), 400, "seed")
     _error(client.get("/v1/videos/video_0000"), 404, "video_id")

@@ -67,14 +67,21 @@ def _data_url(value: Any) -> bytes:
 
 async def _read_body(request: Request, config: ServeConfig) -> tuple[dict[str, Any], bytes | None]:
     """The create parameters and the image of a multipart or JSON body (413/415/400 on bad bodies)."""
+    limit = config.max_upload_bytes + FORM_OVERHEAD
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > config.max_upload_bytes + FORM_OVERHEAD:
+    if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"the request body is {length} bytes; the limit is {config.max_upload_bytes} for the "
                        "image plus 1 MiB", None, "request_too_large")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
+        raw = bytearray()
+        async for chunk in request.stream():  # bounded even without a Content-Length
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes", None,
+                               "request_too_large")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(bytes(raw))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(body, dict):
@@ -82,6 +89,8 @@ async def _read_body(request: Request, config: ServeConfig) -> tuple[dict[str, A
         image = body.pop("input_reference", None)
         return body, (_data_url(image) if image is not None else None)
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        if length is None:  # the form parser spools files to disk: only bodies of a declared size
+            raise ApiError(411, "a form body needs a Content-Length header", None, "length_required")
         try:
             form = await request.form(max_files=1, max_fields=64, max_part_size=FORM_OVERHEAD)
         except Exception as e:  # starlette's MultiPartException and parser errors: a malformed body
