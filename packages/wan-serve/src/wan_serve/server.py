@@ -20,6 +20,7 @@ from .worker import Worker
 logger = logging.getLogger(__name__)
 
 MAX_EXPIRE_INTERVAL = 60.0
+GRACEFUL_STOP_SECONDS = 5  # open connections (a page following a job) get this long after a stop signal
 
 
 def worker_devices(config: ServeConfig) -> list[str | None]:
@@ -73,7 +74,8 @@ def serve(config: ServeConfig) -> None:
     threads.append(threading.Thread(target=_expire_loop, name="expire", daemon=True,
                                     args=(store, stop, min(MAX_EXPIRE_INTERVAL, config.retention_seconds / 10))))
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+                                           access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS))
 
     def announce() -> None:
         while not (server.started and all(w.ready.is_set() for w in workers)) and not stop.wait(0.05):
