@@ -4,20 +4,23 @@ Starts a real `wan serve` (embedded tiny model, CPU, fresh SQLite state) on a fr
 runs one warm-up job, then ``--jobs`` submissions from ``--clients`` concurrent HTTP clients (each
 submits its share at once, then polls its oldest unfinished job every ``--poll`` seconds). It prints
 the submit latency p50/p99, jobs per minute, and the server's RSS before any job, after the first
-job and at the end. The server is then stopped and the same generations (same prompts, seeds and
-settings) run in this process in a plain loop through ``wan_serve.runner.run_job`` — the call the
-worker makes — after one warm-up generation; the ratio of the service's time to the loop's is the
-cost of serving (goal: at most 1.05). Both sides use torch's default thread count unless ``--threads``
-sets it for both. The 1-minute load average is printed beside each phase: on a shared machine, compare
-only runs made under the same load.
+job, half-way and at the end. The server is then stopped and the same generations (same prompts,
+seeds and settings) run in this process in a plain loop through ``wan_serve.runner.run_job`` — the
+call the worker makes — after one warm-up generation; the ratio of the service's time to the loop's
+is the cost of serving (goal: at most 1.05). ``--worker-process`` runs the worker as a `wan worker`
+process on the same SQLite database beside `wan serve --workers 0` (the multi-machine shape, on one
+machine). Both sides use torch's default thread count unless ``--threads`` sets it for both. The
+1-minute load average is printed beside each phase: on a shared machine, compare only runs made
+under the same load.
 
     python benchmarks/serve_load.py [--jobs 200] [--clients 20] [--steps 2] [--frames 17] [--poll 1]
-                                    [--threads N] [--no-baseline]
+                                    [--threads N] [--worker-process] [--no-baseline]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -53,47 +56,67 @@ def job_params(index: int, steps: int, frames: int) -> dict:
 def percentile(values: list[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values`` by the nearest-rank rule."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def _start(argv: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for(proc: subprocess.Popen, log_path: Path, text: str, url: str | None, timeout: float = 180.0) -> None:
+    """Wait for ``text`` in the process's log (and a 200 from ``url``/healthz when given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[:2]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        if text in log_path.read_text(errors="replace"):
+            if url is None:
+                return
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+    raise SystemExit(f"{proc.args[:2]} not ready after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
 class Server:
-    """A `wan serve` subprocess on a fresh state folder; ``rss()`` reads its resident memory."""
+    """A `wan serve` on a fresh SQLite state folder, its worker a thread in it or (``worker_process``)
+    a `wan worker` process on the same database; ``rss()`` is their resident memory together."""
 
-    def __init__(self, workdir: Path, extra: list[str], env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "serve.log"
-        argv = [str(WAN), "serve", "--port", str(self.port), "--state-dir", str(workdir / "state"),
-                "--device", "cpu", "--dtype", "float32", *extra]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.ps = psutil.Process(self.proc.pid)
-
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"wan serve exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            if "wan serve: listening on" in self.log_path.read_text(errors="replace"):
-                try:
-                    if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.2)
-        raise SystemExit(f"wan serve not ready after {timeout:.0f} s:\n{self.log_path.read_text()[-3000:]}")
+    def __init__(self, workdir: Path, env: dict[str, str], worker_process: bool = False):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        state = workdir / "state"
+        argv = [str(WAN), "serve", "--port", str(port), "--state-dir", str(state), "--device", "cpu",
+                "--dtype", "float32"]
+        self.procs = [_start(argv + (["--workers", "0"] if worker_process else []), workdir / "serve.log", env)]
+        try:
+            _wait_for(self.procs[0], workdir / "serve.log", "wan serve: listening on", self.url)
+            if worker_process:
+                argv = [str(WAN), "worker", "--db", f"sqlite:///{state.absolute() / 'jobs.db'}", "--worker-id",
+                        "w1", "--device", "cpu", "--dtype", "float32"]
+                self.procs.append(_start(argv, workdir / "worker.log", env))
+                _wait_for(self.procs[1], workdir / "worker.log", "wan worker w1: waiting for jobs", None)
+        except BaseException:
+            self.stop()
+            raise
+        self.ps = [psutil.Process(proc.pid) for proc in self.procs]
 
     def rss(self) -> int:
-        """Resident bytes of the server process and its children (uvicorn runs in-process; none expected)."""
-        return self.ps.memory_info().rss + sum(c.memory_info().rss for c in self.ps.children(recursive=True))
+        """Resident bytes of the server (and worker) processes."""
+        return sum(p.memory_info().rss for p in self.ps)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        for proc in reversed(self.procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def wait_done(client: httpx.Client, job_id: str, poll: float) -> dict:
@@ -194,6 +217,8 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=1.0,
                         help="seconds between a client's status checks (1 s: the SDK's poll default)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the server and the loop")
+    parser.add_argument("--worker-process", action="store_true",
+                        help="run the worker as a `wan worker` process beside `wan serve --workers 0`")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain loop (no ratio)")
     args = parser.parse_args()
     if args.jobs < 1 or args.clients < 1 or args.clients > args.jobs:
@@ -205,9 +230,8 @@ def main() -> None:
         env = dict(os.environ)
         if args.threads is not None:
             env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-        server = Server(Path(tmp), [], env)
+        server = Server(Path(tmp), env, args.worker_process)
         try:
-            server.wait_ready()
             rss_before = server.rss()
             with httpx.Client(base_url=server.url, timeout=60) as client:
                 first = client.post("/v1/videos", json=job_params(-1, args.steps, args.frames))
@@ -228,7 +252,8 @@ def main() -> None:
 
     mib = 1 / 2**20
     print(f"{args.jobs} jobs from {args.clients} clients; tiny model, {args.frames} frames, {args.steps} steps; "
-          f"{os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; {good}/{len(ids)} results are mp4")
+          f"{os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; worker "
+          f"{'process' if args.worker_process else 'thread'}; {good}/{len(ids)} results are mp4")
     print(f"submit latency p50 {percentile(latencies, 0.5) * 1e3:.1f} ms, "
           f"p99 {percentile(latencies, 0.99) * 1e3:.1f} ms (mean {statistics.mean(latencies) * 1e3:.1f} ms)")
     print(f"service: {total:.1f} s for {args.jobs} jobs = {args.jobs / total * 60:.1f} jobs/min "
