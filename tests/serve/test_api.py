@@ -299,6 +299,7 @@ def test_idempotency_key(make) -> None:
     _error(client.post("/v1/videos", data={**body, "seed": "4"}, headers={"Idempotency-Key": "k1"}), 409,
            "Idempotency-Key")
     assert client.post("/v1/videos", data=body, headers={"Idempotency-Key": "k2"}).json()["id"] != first["id"]
+    assert 'wan_serve_jobs_submitted_total{model="tiny-shapes"} 2.0' in client.get("/metrics").text  # k1 once
 
 
 def test_delete_cancels_queued_and_running_jobs_and_progress_is_reported(make) -> None:

@@ -186,8 +186,10 @@ def create_app(config: ServeConfig, store: JobStore | None = None, catalog: Mode
     async def create(request: Request) -> JSONResponse:
         params, image = await _read_body(request, config)
         key = request.headers.get("idempotency-key")
+        replay = key is not None and await run_in_threadpool(store.by_idempotency_key, key) is not None
         job = await run_in_threadpool(service.submit, store, catalog, config, params, image, key)
-        metrics.submitted.labels(job.model).inc()
+        if not replay:  # a repeated Idempotency-Key returns the earlier job: not a new submission
+            metrics.submitted.labels(job.model).inc()
         wake.set()
         return JSONResponse(await run_in_threadpool(service.video_object, store, job))
 

@@ -242,7 +242,7 @@ def parse_loras(value: Any, lora_dir: Path) -> list[list[Any]]:
             raise ApiError(400, f"LoRA name {name!r} is not a plain file name (letters, digits, '.', '_', '-')",
                            "loras", "invalid_value")
         if name not in available:
-            known = ", ".join(sorted(p.stem for p in available.values())) or "none"
+            known = ", ".join(sorted({p.stem for p in available.values()})) or "none"
             raise ApiError(400, f"no LoRA named {name!r} in the server's LoRA folder; available: {known}", "loras",
                            "lora_not_found")
         try:
