@@ -136,17 +136,18 @@ def _undo_model(model: nn.Module) -> None:
     installed = _model_installed.pop(model, None)
     if installed is None:
         return
-    if model.attention_fn is installed.dispatcher:
-        model.set_attention_backend(installed.previous_attention)
+    _put_back(model, "attention", model.attention_fn is installed.dispatcher,
+              lambda: model.set_attention_backend(installed.previous_attention))
+    if installed.ops is not None:
+        _put_back(model, "ops", model.op_overrides is installed.ops, lambda: model.set_ops(installed.previous_ops))
+
+
+def _put_back(model: nn.Module, what: str, still_ours: bool, restore: Callable[[], None]) -> None:
+    """Restore what ``enable`` replaced on ``model``, unless someone replaced it since (then warn)."""
+    if still_ours:
+        restore()
     else:
-        logger.warning("wan_kernels.disable: the attention of a %s was replaced after enable(); leaving it",
-                       type(model).__name__)
-    if installed.ops is None:
-        return
-    if model.op_overrides is installed.ops:
-        model.set_ops(installed.previous_ops)
-    else:
-        logger.warning("wan_kernels.disable: the ops of a %s were replaced after enable(); leaving them",
+        logger.warning("wan_kernels.disable: the %s of a %s were replaced after enable(); leaving them", what,
                        type(model).__name__)
 
 
