@@ -117,9 +117,7 @@ def build_cache(args: argparse.Namespace) -> Path:
     show = accelerator.is_main_process and not args.disable_progress_bar
     dataset = video_dataset(args, repeat=1, show_progress=show)
     pipeline = load_pipeline(args, device=accelerator.device)
-    dataset.size_factor = pipeline.shape_multiples[0]
-    if pipeline.dit.config.fuses_image_latents and "input_image" in split_list(args.extra_inputs):
-        dataset.check_first_frame_condition()
+    dataset.fit_model(pipeline)
     module = WanTrainingModule(pipeline, extra_inputs=split_list(args.extra_inputs))
     module.check_extra_inputs()
     (folder / MANIFEST).unlink(missing_ok=True)

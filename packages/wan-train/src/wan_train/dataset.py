@@ -237,6 +237,13 @@ class VideoDataset(torch.utils.data.Dataset):
         logger.info("dataset: %d samples from %s, each seen %d times per epoch", len(self.rows), self.source,
                     self.repeat)
 
+    def fit_model(self, pipeline: Any) -> None:
+        """Bring the dataset to the loaded model: frame sizes rounded to its pixels per DiT token, and
+        (TI2V-5B with ``input_image``) :meth:`check_first_frame_condition`."""
+        self.size_factor = pipeline.shape_multiples[0]
+        if pipeline.dit.config.fuses_image_latents and "input_image" in self.extra_inputs:
+            self.check_first_frame_condition()
+
     def check_first_frame_condition(self) -> None:
         """For a DiT that holds the input image as latent frame 0 (TI2V-5B with ``input_image``): every
         sample needs a latent frame after it, so images and ``--num_frames 1`` are refused, naming them."""

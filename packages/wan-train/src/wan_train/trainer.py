@@ -163,9 +163,7 @@ def train(args: argparse.Namespace,
     dataset = open_dataset(args, show_progress=show)
     pipeline = load_pipeline(args, dit_only=bool(args.use_cached))
     if isinstance(dataset, VideoDataset):
-        dataset.size_factor = pipeline.shape_multiples[0]
-        if pipeline.dit.config.fuses_image_latents and "input_image" in split_list(args.extra_inputs):
-            dataset.check_first_frame_condition()
+        dataset.fit_model(pipeline)
     if isinstance(dataset, CachedDataset):
         dataset.check_model(pipeline.dit)
         if "motion_controller" in split_list(args.trainable_models):

@@ -28,7 +28,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wan_models import read_state_dict
 from wan_models.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, VAEConfig, WanVAE
