@@ -31,18 +31,6 @@ def is_lora_state(keys: list[str]) -> bool:
     return bool(keys) and all(_LORA_KEY.fullmatch(k) for k in keys)
 
 
-def _strip(name: str) -> str:
-    from wan_runtime.lora import PREFIXES
-
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
-
-
 @dataclass
 class LoraShape:
     """What a LoRA file's keys and shapes say about the DiT it was made for."""
@@ -72,8 +60,9 @@ def _names(num_layers: int, vace: int, image: bool) -> tuple[set[str], dict[str,
 def _official_layer(target: str, names: set[str], flat: Mapping[str, str]) -> str | None:
     """The official name of the layer or parameter a file's target names (any naming), else None."""
     from wan_models.formats.diffusers import DIT_KEYS
+    from wan_runtime.lora.parse import strip_prefixes
 
-    for candidate in (target, _strip(target)):
+    for candidate in (target, strip_prefixes(target)):
         for attr in (".weight", ""):
             key = candidate + attr
             if key in names:
@@ -158,15 +147,6 @@ def meta_dit(shape: LoraShape, source: Path) -> torch.nn.Module:
         return WanDiT(config)
 
 
-def _header(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    if path.suffix != ".safetensors":
-        return {}
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def layout_of(keys: list[str]) -> str:
     """The naming a LoRA file uses, in words (several when it mixes them)."""
     kinds = Counter()
@@ -209,8 +189,9 @@ def _deltas(parsed) -> dict[str, torch.Tensor]:
 def describe_lora(path: Path, stored: Mapping[str, torch.Tensor], echo) -> None:
     """``wan info`` of a LoRA file: layout, layers, ranks, scale, DoRA, the DiT it fits, its provenance."""
     from wan_runtime.lora import ARGS_KEY, BASE_KEY, parse_lora
+    from wan_runtime.lora.scale import read_header
 
-    header = _header(path)
+    header = read_header(path)
     keys = list(stored)
     shape = lora_shape(stored)
     dora = any(_LORA_KEY.fullmatch(k)["dora"] for k in keys)
@@ -279,6 +260,7 @@ def convert_lora(source: Path, target: Path, to: str) -> str:
     writes them) or what the target layout cannot hold; nothing is written then."""
     import wan_models
     from wan_runtime.lora import ARGS_KEY, BASE_KEY, parse_lora, save_lora
+    from wan_runtime.lora.scale import read_header
 
     stored = wan_models.read_state_dict(source)
     dora = [k for k in stored if _LORA_KEY.fullmatch(k)["dora"]]
@@ -304,7 +286,7 @@ def convert_lora(source: Path, target: Path, to: str) -> str:
         layer, _, attr = param.rpartition(".")
         key = {"weight": f"{layer}.diff", "bias": f"{layer}.diff_b"}.get(attr, f"{param}.diff")
         state[key] = diff
-    header = _header(source)
+    header = read_header(source)
     metadata = {k: header[k] for k in (BASE_KEY, ARGS_KEY) if k in header}
     save_lora(target, state, to, metadata=metadata)
     return f"{len(parsed.low_rank)} low-rank layers, {len(deltas)} full deltas"

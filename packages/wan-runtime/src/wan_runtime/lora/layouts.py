@@ -45,13 +45,13 @@ from wan_models.formats.diffusers import DIT_KEYS
 
 from ..files import atomic_path
 from .parse import PREFIXES
+from .scale import DIFFUSERS_KEY as DIFFUSERS_METADATA_KEY
+from .scale import DIFFUSERS_PREFIX
 
 LAYOUTS = ("official", "diffusers", "comfy")  # the same words as `wan convert --to`
 BASE_KEY = "wan.base"  # JSON {"family", "expert", "variant", "dim", "num_layers", "model"}
 ARGS_KEY = "wan.training_args"  # JSON object of the resolved training flags
 RANK_KEY, ALPHA_KEY = "lora_rank", "lora_alpha"  # our trainer's header keys (official layout)
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
-DIFFUSERS_PREFIX = "transformer."
 COMFY_PREFIX = "diffusion_model."
 
 _KEY = re.compile(r"(?P<target>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha|diff|diff_b)")

@@ -118,7 +118,7 @@ class LayerNames:
         else:
             return "not a LoRA tensor"
         by_dots = {name.replace("_", "."): name for name in pool}
-        query = list(_unprefixed(m["target"]))[-1].replace("_", ".")
+        query = strip_prefixes(m["target"]).replace("_", ".")
         found = difflib.get_close_matches(query, list(by_dots), n=3, cutoff=0.5)
         return f"closest: {', '.join(by_dots[f] for f in found)}" if found else "no similar name"
 
@@ -135,6 +135,12 @@ def _unprefixed(name: str) -> Iterator[str]:
                 stripped = True
                 yield name
                 break
+
+
+def strip_prefixes(name: str) -> str:
+    """``name`` with every known leading prefix removed."""
+    *_, last = _unprefixed(name)
+    return last
 
 
 def _read(lora: LoraSource) -> tuple[dict[str, torch.Tensor], str, dict[str, str], HeaderScale | None]:

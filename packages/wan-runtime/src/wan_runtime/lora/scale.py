@@ -165,7 +165,7 @@ def locate(path: str | os.PathLike) -> LoraFile:
         path, config_path = weights[0], path / PEFT_CONFIG
     elif path.name in PEFT_WEIGHTS and (path.parent / PEFT_CONFIG).is_file():
         config_path = path.parent / PEFT_CONFIG
-    header = _header(path)
+    header = read_header(path)
     scale = header_scale(header, os.fspath(path))
     if config_path is not None:
         try:
@@ -178,7 +178,7 @@ def locate(path: str | os.PathLike) -> LoraFile:
     return LoraFile(path, header, scale)
 
 
-def _header(path: Path) -> dict[str, str]:
+def read_header(path: Path) -> dict[str, str]:
     """The string metadata of a safetensors file (``{}`` for other files or none)."""
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
