@@ -135,7 +135,7 @@ def _lora_file(text: str, value: str) -> Optional[tuple[Path, float]]:
 def _lora(value: str) -> tuple[Path, float, Optional[str]]:
     """``PATH[:ALPHA][@high|@low]`` -> (path, strength, expert or None), read from the right so that a path
     holding ':' or '@' still works; the file must exist."""
-    from wan_runtime.presets import EXPERTS
+    from wan_models.identity import EXPERTS
 
     if Path(value).is_file():
         return Path(value), 1.0, None

@@ -33,7 +33,8 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 FAMILY_NAMES = {"wan2.1": "Wan 2.1", "wan2.2": "Wan 2.2"}
-EXPERT_FOLDERS = dict(zip((folder.rstrip("/") for folder in configs.EXPERT_FOLDERS), ("high", "low")))
+EXPERTS = ("high", "low")  # the noise experts of a Wan 2.2 A14B pair, in the order of configs.EXPERT_FOLDERS
+EXPERT_FOLDERS = dict(zip((folder.rstrip("/") for folder in configs.EXPERT_FOLDERS), EXPERTS))
 DIFFUSERS_EXPERT_FOLDERS = {"transformer": "high", "transformer_2": "low"}
 _NAME_FAMILY = re.compile(r"wan[-_ ]?(2)[._]?([12])(?![0-9])")
 _NAME_EXPERT = re.compile(r"(high|low)[-_ ]?noise")

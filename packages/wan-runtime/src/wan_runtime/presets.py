@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wan_models.identity import EXPERTS  # pipe.dit and pipe.dit2 of a Wan 2.2 expert pair
+
 from .model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EXPERTS = ("high", "low")  # pipe.dit and pipe.dit2 of a Wan 2.2 expert pair
 
 
 @dataclass(frozen=True)

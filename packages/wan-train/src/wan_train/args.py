@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from wan_models.identity import EXPERTS
 from wan_runtime.lora.layouts import LAYOUTS
 from wan_runtime.model_config import ModelConfig
 
@@ -36,7 +37,6 @@ NUMBER_INPUTS = {"camera_control_speed": float, "vace_scale": float, "motion_buc
 TEXT_INPUTS = ("camera_control_direction",)
 EXTRA_INPUTS = ("input_image", "end_image", *FRAMES_INPUTS, *IMAGE_INPUTS, *NUMBER_INPUTS, *TEXT_INPUTS)
 
-EXPERTS = ("high", "low")  # the noise experts of a Wan 2.2 A14B pair
 LORA_FORMATS = LAYOUTS  # the words of `wan convert --to`
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
