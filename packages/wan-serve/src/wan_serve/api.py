@@ -144,14 +144,21 @@ def _error_handlers(app: FastAPI) -> None:
 
 def create_app(config: ServeConfig, store: JobStore | None = None, catalog: ModelCatalog | None = None) -> FastAPI:
     """The FastAPI app over ``store`` and ``catalog`` (built from ``config`` when None). ``app.state`` holds
-    config, store, catalog, metrics and ``wake`` (an Event set on every submission, for in-process workers)."""
+    config, store, catalog, metrics, ``wake`` (an Event set on every submission, for in-process workers) and
+    ``submitted(job, new=True)`` (what every submission does after queueing: count it when new, then wake)."""
     store = store if store is not None else JobStore(config.resolved_db_url(), config.retention_seconds)
     catalog = catalog if catalog is not None else ModelCatalog(config.models)
     metrics = Metrics(store)
     wake = threading.Event()
     app = FastAPI(title="wan serve", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.config, app.state.store, app.state.catalog = config, store, catalog
-    app.state.metrics, app.state.wake = metrics, wake
+
+    def submitted(job: Job, new: bool = True) -> None:
+        if new:  # a repeated Idempotency-Key returns the earlier job: not a new submission
+            metrics.submitted.labels(job.model).inc()
+        wake.set()
+
+    app.state.metrics, app.state.wake, app.state.submitted = metrics, wake, submitted
     _error_handlers(app)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -188,9 +195,7 @@ def create_app(config: ServeConfig, store: JobStore | None = None, catalog: Mode
         key = request.headers.get("idempotency-key")
         replay = key is not None and await run_in_threadpool(store.by_idempotency_key, key) is not None
         job = await run_in_threadpool(service.submit, store, catalog, config, params, image, key)
-        if not replay:  # a repeated Idempotency-Key returns the earlier job: not a new submission
-            metrics.submitted.labels(job.model).inc()
-        wake.set()
+        submitted(job, new=not replay)
         return JSONResponse(await run_in_threadpool(service.video_object, store, job))
 
     @v1.get("/videos")

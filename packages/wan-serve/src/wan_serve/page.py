@@ -233,20 +233,12 @@ def mount_page(app: FastAPI, store: JobStore, catalog: ModelCatalog, config: Ser
     """Mount the page at "/" on ``app``; call it after every API route is added (the mount catches the rest).
     A job queued from the page counts in the app's metrics and wakes its in-process workers, as the API's do."""
     token = config.token
-    wake = getattr(app.state, "wake", None)
-    metrics = getattr(app.state, "metrics", None)
 
     def check_login(_user: str, password: str) -> bool:
         return token is not None and hmac.compare_digest(password.encode(), token.encode())
 
-    def on_submit(job: Job) -> None:
-        if metrics is not None:
-            metrics.submitted.labels(job.model).inc()
-        if wake is not None:
-            wake.set()
-
     gr.mount_gradio_app(
-        app, build_page(store, catalog, config, on_submit), path="/",
+        app, build_page(store, catalog, config, getattr(app.state, "submitted", None)), path="/",
         auth=check_login if token is not None else None,
         auth_message="Sign in with the server's API token as the password (any user name).",
         max_file_size=config.max_upload_bytes, ssr_mode=False, run_history=False, mcp_server=False,

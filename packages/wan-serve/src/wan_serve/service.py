@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wan_runtime.request import round_up  # the pipeline's rounding rule
+
 from .config import ServeConfig
 from .store import Job, JobStore
 
@@ -200,11 +202,6 @@ def parse_size(text: str) -> tuple[int, int]:
         raise ApiError(400, f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '832x480', got {text!r}", "size",
                        "invalid_value")
     return int(match[1]), int(match[2])
-
-
-def round_up(value: int, multiple: int, remainder: int = 0) -> int:
-    """Smallest ``n >= value`` with ``n % multiple == remainder`` (the pipeline's rounding rule)."""
-    return value + (remainder - value) % multiple
 
 
 def seconds_to_frames(seconds: float, fps: int, temporal_multiple: int = 4) -> int:
