@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,37 @@ import av
 import httpx
 import pytest
 
+from wan_serve.store import JobStore
+
 WAN = Path(sys.executable).with_name("wan")  # the console script of the venv running the tests
 START_TIMEOUT = 120.0
 
 TINY = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}  # a fast tiny-model job (4k+1 frames)
+
+
+def open_concurrently(url: str, openers: int = 8) -> None:
+    """``openers`` threads construct a JobStore on one database at the same moment (a barrier releases them),
+    as `wan serve` and its `wan worker` processes do when started side by side on an empty database."""
+    barrier = threading.Barrier(openers)
+    errors: list[BaseException] = []
+    stores: list[JobStore] = []
+
+    def open_store() -> None:
+        try:
+            barrier.wait(timeout=30)
+            stores.append(JobStore(url))
+        except BaseException as error:  # surfaced in the main thread below
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(openers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for store in stores:
+        store.close()
+    assert not errors, errors
+    assert len(stores) == openers
 
 
 def submit(client: httpx.Client, prompt: str, **extra) -> str:
@@ -59,8 +87,6 @@ def decoded_frames(mp4: bytes) -> tuple[int, int, int]:
 def attempts_after_one_run(folder) -> int:
     """The ``attempts`` a job shows after exactly one claim, read from a scratch SQLite store: the tests
     compare against it so that they prove "ran once" / "ran twice" whether the store counts runs or re-runs."""
-    from wan_serve.store import JobStore
-
     store = JobStore(f"sqlite:///{folder}/attempts-probe.db")
     try:
         store.create({"model": "probe", "prompt": "probe", "params": {}, "size": "32x32", "seconds": "1",

@@ -17,8 +17,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from serve.jobs_support import (WanProcess, WanProcesses, attempts_after_one_run, decoded_frames, submit,
-                                wait_until_finished)
+from serve.jobs_support import (WanProcess, WanProcesses, attempts_after_one_run, decoded_frames, open_concurrently,
+                                submit, wait_until_finished)
 from wan_serve.store import JobStore
 
 LEASE = "3"  # seconds, for the workers of the process tests (renewed every second)
@@ -66,6 +66,19 @@ def _check_each_claimed_once(store: JobStore, claimed: dict[str, list[str]], ids
         for job_id in got:
             job = store.get(job_id)
             assert (job.status, job.worker_id, job.attempts) == ("in_progress", name, attempts)
+
+
+def test_stores_opening_an_empty_database_at_once_all_start(postgres_server):
+    """Creating the tables is serialised: the openers that lose the race find them made instead of failing
+    on a duplicate type (seen when serve and two workers started together). Repeated on fresh databases,
+    since one round can miss the race."""
+    for _ in range(5):
+        url = postgres_server.create_database()
+        open_concurrently(url)
+        store = JobStore(url)
+        job_id = store.create(_job_fields(0)).id
+        assert store.get(job_id).status == "queued"
+        store.close()
 
 
 def test_claim_is_atomic_under_concurrency(postgres_url):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from serve.jobs_support import open_concurrently
 from wan_serve.store import MAX_REQUEUES, JobStore
 
 
@@ -175,3 +176,13 @@ def test_release_puts_a_stopping_worker_jobs_back(store) -> None:
     back = store.get(job.id)
     assert back.status == "queued" and back.worker_id is None
     assert store.claim("other", ["m"], 60).id == job.id
+
+
+def test_stores_opening_an_empty_database_at_once_all_start(tmp_path) -> None:
+    """Serve and its workers may open a new database together: every opener starts and the tables work."""
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'jobs-{round_}.db'}"
+        open_concurrently(url)
+        store = JobStore(url)
+        assert store.get(store.create(_fields(round_)).id).status == "queued"
+        store.close()

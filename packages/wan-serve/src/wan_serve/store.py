@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed")
 BLOB_KINDS = ("input_reference", "video")
+SCHEMA_LOCK_KEY = 0x57414E5F4A4F4253  # "WAN_JOBS": the PostgreSQL advisory lock held while creating tables
 MAX_REQUEUES = 3  # a job whose worker died this many times fails ("worker_lost") instead of killing more
 
 metadata = MetaData()
@@ -148,7 +149,17 @@ class JobStore:
             self.engine, self.reader = _sqlite_engine(url, immediate=True), _sqlite_engine(url, immediate=False)
         else:
             self.engine = self.reader = create_engine(url, pool_pre_ping=True)
-        metadata.create_all(self.engine)
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        """Create the missing tables in one transaction that holds a lock, so processes started together on
+        an empty database (serve and its workers) do not both try: PostgreSQL checks-then-creates without
+        one and the loser fails on a duplicate type. SQLite's ``BEGIN IMMEDIATE`` already is that lock;
+        PostgreSQL takes a transaction advisory lock, released at commit, after which the tables exist."""
+        with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
+            metadata.create_all(connection)
 
     @staticmethod
     def _sqlite_folder(url: str) -> None:
