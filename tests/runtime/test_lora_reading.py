@@ -291,6 +291,30 @@ def test_a_lora_for_another_model_size_names_the_size_and_the_models():
                                r"'blocks.5.self_attn.q.lora_A.weight' names no layer")
 
 
+@pytest.mark.parametrize("naming", ["official", "diffusers", "kohya"])
+def test_the_size_a_lora_fits_is_read_alike_in_every_naming(naming):
+    """A Wan2.1-T2V-14B LoRA touching only cross-attention and the FFN output, in three namings: the merge
+    error and `wan info`'s reading (lora.fit.lora_shape) give the same size and the same registry models."""
+    from wan_runtime.lora.fit import lora_shape
+
+    dit = random_dit(TINY_DIT, seed=23)
+    layers = {"blocks.39.cross_attn.k": (5120, 5120), "blocks.0.ffn.2": (5120, 13824)}
+    name = {"official": lambda n, p: f"{n}.lora_{p}.weight",
+            "diffusers": lambda n, p: "transformer." + diffusers_format.DIT_KEYS.rename(f"{n}.weight").removesuffix(
+                ".weight") + f".lora_{p}.weight",
+            "kohya": lambda n, p: "lora_unet_" + n.replace(".", "_") + (".lora_down.weight" if p == "A" else
+                                                                         ".lora_up.weight")}[naming]
+    state = {}
+    for layer, (down, up) in factors(24, layers, rank=1).items():
+        state[name(layer, "A")], state[name(layer, "B")] = down, up
+    shape = lora_shape(state)
+    assert (shape.sizes, shape.num_layers, shape.unknown) == ({"dim": 5120, "ffn_dim": 13824}, 40, [])
+    assert "Wan2.1-T2V-14B" in shape.models() and "Wan2.2-T2V-A14B (either expert)" in shape.models()
+    assert not any("1.3B" in model or "5B" in model for model in shape.models())
+    unchanged_after(dit, state, r"fits a DiT of dim 5120, ffn_dim 13824 with at least 40 blocks \(.*Wan2\.1-T2V-14B"
+                                r".*\); this DiT has dim 32, ffn_dim 48 with 2 blocks")
+
+
 def test_vace_keys_on_a_dit_without_vace_blocks():
     dit = random_dit(TINY_DIT, seed=21)
     (a, b), = factors(22, {"x": (32, 32)}).values()

@@ -2,7 +2,8 @@
 network's weights and subtract it again (:mod:`.merge`)."""
 
 from .merge import LoraMerge, LoraUpdate, merge_lora, unmerge_lora
-from .parse import PREFIXES, LoraSource, LowRank, ParsedLora, parse_lora
+from .names import PREFIXES
+from .parse import LoraSource, LowRank, ParsedLora, parse_lora
 
 __all__ = ["PREFIXES", "LoraMerge", "LoraSource", "LoraUpdate", "LowRank", "ParsedLora", "merge_lora",
            "parse_lora", "unmerge_lora"]

@@ -44,7 +44,7 @@ import torch
 from wan_models.formats.diffusers import DIT_KEYS
 
 from ..files import atomic_path
-from .parse import PREFIXES
+from .names import PREFIXES
 from .scale import DIFFUSERS_KEY as DIFFUSERS_METADATA_KEY
 from .scale import DIFFUSERS_PREFIX
 

@@ -27,7 +27,8 @@ from ..finite import NonFiniteError, check_finite
 from ..request import finite_number
 from .dora import DoraUpdate
 from .layouts import BASE_KEY
-from .parse import LoraSource, LayerNames, ParsedLora, is_fp8_layer, parse_lora
+from .names import LayerNames, is_fp8_layer
+from .parse import LoraSource, ParsedLora, parse_lora
 
 logger = logging.getLogger(__name__)
 

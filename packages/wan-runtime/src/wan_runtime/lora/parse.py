@@ -25,39 +25,24 @@ Each layer's scale ``alpha / rank`` comes from wherever the file keeps it (:mod:
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-import re
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from wan_models import WanDiT, read_state_dict
-from wan_models.formats.diffusers import DIT_KEYS
+from wan_models import read_state_dict
 
 from ..finite import check_finite
 from .fit import size_hint, vace_problem
+from .names import DIFF, PART, SLOTS, LayerNames
 from .scale import HeaderScale, layer_scale, locate
 
 logger = logging.getLogger(__name__)
 
 LoraSource = str | os.PathLike | Mapping[str, torch.Tensor]
-
-# Prefixes trainers and converters put before the layer name; stripped one after another.
-PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_")
-
-_LOW_RANK = re.compile(r"(?P<target>.+)\.lora_(?P<part>A|B|down|up)(?:\.(?P<adapter>[^.]+))?\.weight")
-_LORA_BIAS = re.compile(r"(?P<target>.+)\.lora_B(?:\.(?P<adapter>[^.]+))?\.bias")
-_DORA = re.compile(r"(?P<target>.+)\.(?:lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?|dora_scale)")
-_ALPHA = re.compile(r"(?P<target>.+)\.alpha")
-_DIFF = re.compile(r"(?P<target>.+)\.(?P<part>diff|diff_b|diff_m)")
-# The tensors that belong to one layer, and their slot (None: down or up, by _PART).
-_SLOTS = ((_LOW_RANK, None), (_LORA_BIAS, "bias"), (_DORA, "dora"), (_ALPHA, "alpha"))
-_PART = {"A": "down", "down": "down", "B": "up", "up": "up"}
-
 
 @dataclass(frozen=True)
 class LowRank:
@@ -82,65 +67,6 @@ class ParsedLora:
     diffs: dict[str, torch.Tensor] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     header: dict[str, str] = field(default_factory=dict)
-
-
-class LayerNames:
-    """Finds the module's parameter that a file's layer name means, whatever the naming."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.shapes: dict[str, torch.Size] = {name: p.shape for name, p in module.named_parameters()}
-        for name, layer in module.named_modules():
-            if is_fp8_layer(layer):
-                self.shapes[f"{name}.weight" if name else "weight"] = layer.weight_fp8.shape
-        self.flat = {name.replace(".", "_"): name for name in self.shapes}
-        self.diffusers = isinstance(module, WanDiT)
-
-    def find(self, layer: str, attr: str) -> str | None:
-        """The parameter ``attr`` (``""``: the name is a parameter itself) of ``layer``, or ``None``."""
-        for name in _unprefixed(layer):
-            key = f"{name}.{attr}" if attr else name
-            if key in self.shapes:
-                return key
-            if key.replace(".", "_") in self.flat:
-                return self.flat[key.replace(".", "_")]
-            renamed = DIT_KEYS.rename(key, to_left=True) if self.diffusers else None
-            if renamed in self.shapes:
-                return renamed
-        return None
-
-    def closest(self, key: str) -> str:
-        """For an unmatched file key: up to three names of the module resembling what it names."""
-        if m := _DIFF.fullmatch(key):  # a parameter
-            suffix = ".bias" if m["part"] == "diff_b" else ""
-            pool = [name.removesuffix(suffix) for name in self.shapes if name.endswith(suffix)]
-        elif m := _LOW_RANK.fullmatch(key) or _ALPHA.fullmatch(key):  # a layer
-            pool = [name.removesuffix(".weight") for name in self.shapes if name.endswith(".weight")]
-        else:
-            return "not a LoRA tensor"
-        by_dots = {name.replace("_", "."): name for name in pool}
-        query = strip_prefixes(m["target"]).replace("_", ".")
-        found = difflib.get_close_matches(query, list(by_dots), n=3, cutoff=0.5)
-        return f"closest: {', '.join(by_dots[f] for f in found)}" if found else "no similar name"
-
-
-def _unprefixed(name: str) -> Iterator[str]:
-    """``name``, then ``name`` with each known leading prefix removed in turn."""
-    yield name
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                stripped = True
-                yield name
-                break
-
-
-def strip_prefixes(name: str) -> str:
-    """``name`` with every known leading prefix removed."""
-    *_, last = _unprefixed(name)
-    return last
 
 
 def _read(lora: LoraSource) -> tuple[dict[str, torch.Tensor], str, dict[str, str], HeaderScale | None]:
@@ -173,14 +99,14 @@ def parse_lora(lora: LoraSource, module: nn.Module) -> ParsedLora:
     pairs: dict[str, dict[str, str]] = {}  # layer name in the file -> {"down"/"up"/"alpha"/"bias"/"dora": key}
     misfits: list[str] = []
     for key in state:
-        if found := next(((m, part) for regex, part in _SLOTS if (m := regex.fullmatch(key))), None):
+        if found := next(((m, part) for regex, part in SLOTS if (m := regex.fullmatch(key))), None):
             m, part = found
-            part = part or _PART[m["part"]]
+            part = part or PART[m["part"]]
             slot = pairs.setdefault(m["target"], {})
             if part in slot:
                 raise ValueError(f"{source}: two {part} tensors for {m['target']!r}: {slot[part]!r} and {key!r}")
             slot[part] = key
-        elif m := _DIFF.fullmatch(key):
+        elif m := DIFF.fullmatch(key):
             target = _diff_target(names, m["target"], m["part"])
             if target is None:
                 parsed.unmatched.append(key)
@@ -281,9 +207,3 @@ def _check_size(parsed: ParsedLora, state: Mapping[str, torch.Tensor], module: n
     more = f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else ""
     raise ValueError(f"{parsed.source}: {len(lines)} LoRA tensors do not fit this {type(module).__name__}"
                      + (f"; {hint}" if hint else "") + ":\n  " + "\n  ".join(lines[:10]) + more)
-
-
-def is_fp8_layer(layer: nn.Module) -> bool:
-    """Whether ``layer`` stores its weight as ``weight_fp8 * scale`` buffers (e.g. ``FP8Linear``)."""
-    return isinstance(getattr(layer, "weight_fp8", None), torch.Tensor) and \
-        isinstance(getattr(layer, "scale", None), torch.Tensor)
