@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import av
 import httpx
@@ -26,28 +27,36 @@ START_TIMEOUT = 120.0
 TINY = {"size": "32x32", "num_frames": 5, "num_inference_steps": 2}  # a fast tiny-model job (4k+1 frames)
 
 
-def open_concurrently(url: str, openers: int = 8) -> None:
-    """``openers`` threads construct a JobStore on one database at the same moment (a barrier releases them),
-    as `wan serve` and its `wan worker` processes do when started side by side on an empty database."""
-    barrier = threading.Barrier(openers)
+def at_once(count: int, task: Callable[[int], None]) -> None:
+    """Run ``task(0) ... task(count - 1)`` in ``count`` threads released together by a barrier; re-raise
+    what any of them raised (all of them listed) once all have finished."""
+    barrier = threading.Barrier(count)
     errors: list[BaseException] = []
-    stores: list[JobStore] = []
 
-    def open_store() -> None:
+    def run(n: int) -> None:
         try:
             barrier.wait(timeout=30)
-            stores.append(JobStore(url))
-        except BaseException as error:  # surfaced in the main thread below
+            task(n)
+        except BaseException as error:  # surfaced in the calling thread below
             errors.append(error)
 
-    threads = [threading.Thread(target=open_store) for _ in range(openers)]
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    for store in stores:
-        store.close()
     assert not errors, errors
+
+
+def open_concurrently(url: str, openers: int = 8) -> None:
+    """``openers`` threads construct a JobStore on one database at the same moment, as `wan serve` and its
+    `wan worker` processes do when started side by side on an empty database."""
+    stores: list[JobStore] = []
+    try:
+        at_once(openers, lambda _n: stores.append(JobStore(url)))
+    finally:
+        for store in stores:
+            store.close()
     assert len(stores) == openers
 
 

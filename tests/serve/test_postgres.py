@@ -9,7 +9,6 @@ job to the other worker once its lease expires.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -17,8 +16,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from serve.jobs_support import (WanProcess, WanProcesses, attempts_after_one_run, decoded_frames, open_concurrently,
-                                submit, wait_until_finished)
+from serve.jobs_support import (WanProcess, WanProcesses, at_once, attempts_after_one_run, decoded_frames,
+                                open_concurrently, submit, wait_until_finished)
 from wan_serve.store import JobStore
 
 LEASE = "3"  # seconds, for the workers of the process tests (renewed every second)
@@ -34,26 +33,17 @@ def _claim_concurrently(url: str, claimers: int = 8) -> dict[str, list[str]]:
     """``claimers`` threads, each with its own JobStore (own connection pool), released at once by a barrier,
     claim until the queue is empty; returns the ids each claimer got, by claimer name."""
     stores = [JobStore(url) for _ in range(claimers)]
-    barrier = threading.Barrier(claimers)
     claimed: dict[str, list[str]] = {f"claimer-{n}": [] for n in range(claimers)}
-    errors: list[BaseException] = []
 
     def claim_all(n: int) -> None:
-        try:
-            barrier.wait(timeout=30)
-            while (job := stores[n].claim(f"claimer-{n}", ["tiny-shapes"], 60.0)) is not None:
-                claimed[f"claimer-{n}"].append(job.id)
-        except BaseException as error:  # surfaced in the main thread below
-            errors.append(error)
+        while (job := stores[n].claim(f"claimer-{n}", ["tiny-shapes"], 60.0)) is not None:
+            claimed[f"claimer-{n}"].append(job.id)
 
-    threads = [threading.Thread(target=claim_all, args=(n,)) for n in range(claimers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    for store in stores:
-        store.close()
-    assert not errors, errors
+    try:
+        at_once(claimers, claim_all)
+    finally:
+        for store in stores:
+            store.close()
     return claimed
 
 
