@@ -242,6 +242,42 @@ def test_an_image_model_takes_the_upload_through_the_store(tmp_path_factory, tmp
     app.state.store.close()
 
 
+def test_a_16_bit_greyscale_upload_is_scaled_as_wan_generate_reads_it(tmp_path_factory, tmp_path,
+                                                                      monkeypatch) -> None:
+    """A 16-bit PNG (values 0..65535) reaches the pipeline as `wan generate`'s load_image reads the same file,
+    scaled by its bit depth; Pillow's plain convert("RGB") would clip it to near-white."""
+    import wan_serve.worker
+    from wan_runtime import tiny_release
+    from wan_runtime.video_io import load_image
+
+    folder = tiny_release.write_release(tmp_path_factory.mktemp("models"), "Wan2.1-I2V-14B-480P")
+    catalog = ModelCatalog([str(folder)])
+    app = create_app(ServeConfig(state_dir=str(tmp_path / "state")), catalog=catalog)
+    client = TestClient(app)
+    levels = np.linspace(1000, 64000, 32 * 32).reshape(32, 32).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I")  # really stored and read back as 16-bit
+    r = client.post("/v1/videos", data={"prompt": "a cat", **FAST},
+                    files={"input_reference": ("grey16.png", path.read_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    handed: list = []
+    real_run_job = wan_serve.worker.run_job
+
+    def recording_run_job(pipe, params, image, *rest):
+        handed.append(image)
+        return real_run_job(pipe, params, image, *rest)
+
+    monkeypatch.setattr(wan_serve.worker, "run_job", recording_run_job)
+    assert Worker(app.state.store, catalog, device="cpu", dtype="float32").run_once()
+    assert client.get(f"/v1/videos/{r.json()['id']}").json()["status"] == "completed"
+    pixels = np.asarray(handed[0])
+    expected = np.rint(levels.astype(np.float64) * 255 / 65535).astype(np.uint8)  # the bit-depth scaling, by hand
+    assert handed[0].mode == "RGB" and np.array_equal(pixels[..., 0], expected)
+    assert np.array_equal(pixels, np.asarray(load_image(path)))
+    app.state.store.close()
+
+
 def test_a_wan22_image_model_without_a_size_follows_the_image(tmp_path_factory, tmp_path) -> None:
     from wan_runtime import tiny_release
 

@@ -222,9 +222,10 @@ class Worker:
         if data is None:
             return None
         from PIL import Image
+        from wan_runtime.images import to_rgb
 
-        with Image.open(BytesIO(data)) as image:
-            return image.convert("RGB")
+        with Image.open(BytesIO(data)) as image:  # to_rgb: 16-bit greyscale scaled as `wan generate` reads it
+            return to_rgb(image)
 
     def _lora_paths(self, job: Job) -> list[tuple[Path, float]]:
         loras = job.params.get("loras") or []
