@@ -19,7 +19,7 @@ import av
 import httpx
 import pytest
 
-from wan_serve.store import JobStore
+from wan_serve.store import JobStore, jobs
 
 WAN = Path(sys.executable).with_name("wan")  # the console script of the venv running the tests
 START_TIMEOUT = 120.0
@@ -46,6 +46,16 @@ def at_once(count: int, task: Callable[[int], None]) -> None:
     for thread in threads:
         thread.join(timeout=60)
     assert not errors, errors
+
+
+def expire_leases(store: JobStore, worker_id: str) -> None:
+    """End the leases of ``worker_id``'s running jobs now, as if it had stopped renewing them long ago: the
+    lease tests then depend on no sleep racing a slow machine."""
+    from sqlalchemy import update
+
+    with store.engine.begin() as connection:
+        connection.execute(update(jobs).where(jobs.c.worker_id == worker_id, jobs.c.status == "in_progress")
+                           .values(lease_expires_at=0.0))
 
 
 def open_concurrently(url: str, openers: int = 8) -> None:
