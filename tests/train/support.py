@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +76,29 @@ def train_until_killed(args: Any, step: int) -> None:
 
     with pytest.raises(Killed):
         train(args, on_step=stop)
+
+
+def sigkill_after_saves(argv: list[str], output: Path, saves: int, timeout: float = 120.0) -> str:
+    """Run ``python -m wan_train argv`` (saving a resume state every step), SIGKILL it once the latest
+    state is from batch ``saves`` or later, whatever it is doing then; returns that latest state's name."""
+    import pytest
+
+    from wan_train.state import STATE_DIR
+
+    log = output.with_name(output.name + ".stderr.log")  # a file, not a pipe: a full pipe would stall the run
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "wan_train", *argv],
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=stderr)
+        latest = output / STATE_DIR / "latest"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None:
+            if latest.is_file() and int(latest.read_text().rsplit("-b", 1)[1]) >= saves:
+                break
+            time.sleep(0.02)
+        running = process.poll() is None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    if not running or not latest.is_file():
+        pytest.fail(f"the run ended or saved nothing before it could be killed (exit {process.returncode}): "
+                    f"{log.read_text(errors='replace')[-2000:]}")
+    return latest.read_text()

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from safetensors.torch import load_file
 from wan_train import parse_args, train
 from wan_train.state import STATE_DIR
 
-from train.support import train_argv
+from train.support import sigkill_after_saves, train_argv
 
 log = logging.getLogger(__name__)
 WEIGHT_TOLERANCE = 2e-5  # max |w_multi - w_single| after 4 steps at lr 1e-3
@@ -105,21 +103,10 @@ def test_killed_run_resumes_to_the_same_weights(release: Path, dataset: Path, tm
     flags = (*LORA, "--num_epochs", "1", "--dataset_repeat", "12", "--save_steps", "1")
     reference = train(parse_args(train_argv(release, dataset, tmp_path / "whole", *flags)))
     output = tmp_path / "killed"
-    command = [sys.executable, "-m", "wan_train", *train_argv(release, dataset, output, *flags)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = output / STATE_DIR / "latest"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if latest.is_file() and int(latest.read_text().rsplit("-b", 1)[1]) >= 5:
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = latest.read_text()
+    argv = train_argv(release, dataset, output, *flags)
+    killed_at = sigkill_after_saves(argv, output, 5)
     log.info("killed with %s as the latest resume state", killed_at)
-    launch([*command, "--resume"])
+    launch([sys.executable, "-m", "wan_train", *argv, "--resume"])
     # The reference trains in this process, the resumed run in a fresh one: oneDNN/MKL float32 kernels are
     # not bit-reproducible across processes (buffer alignment); seen once in a full run: 1.6e-7.
     assert max_difference(reference.checkpoints[-1], output / "epoch-0.safetensors") <= 1e-6, killed_at
