@@ -6,12 +6,17 @@
 # run as root; otherwise prints the command to run and exits 1.
 set -euo pipefail
 
-PG_INITDB=/usr/lib/postgresql/15/bin/initdb
-missing=()
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
-[ -x "$PG_INITDB" ] || missing+=(postgresql-15)
+PG_INITDB="${WAN_TEST_PG_BINDIR:-/usr/lib/postgresql/15/bin}/initdb"  # the folder tests/serve/conftest.py uses
 
+# The Debian packages of what is not there yet.
+check_missing() {
+    missing=()
+    command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+    [ -x "$PG_INITDB" ] || missing+=(postgresql-15)
+}
+
+check_missing
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0
 fi
@@ -31,11 +36,8 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq "${missing[@]}" >/dev/null
 
-still=()
-command -v chromium >/dev/null 2>&1 || still+=(chromium)
-command -v chromedriver >/dev/null 2>&1 || still+=(chromedriver)
-[ -x "$PG_INITDB" ] || still+=("$PG_INITDB")
-if [ ${#still[@]} -ne 0 ]; then
-    echo "ensure_test_system: still missing after apt-get install: ${still[*]}" >&2
+check_missing
+if [ ${#missing[@]} -ne 0 ]; then
+    echo "ensure_test_system: still missing after apt-get install: ${missing[*]} (initdb looked for at $PG_INITDB)" >&2
     exit 1
 fi

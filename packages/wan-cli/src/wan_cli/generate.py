@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import typer
+from wan_models.configs import DIFFSYNTH_SAMPLING
+from wan_runtime.schedulers import SCHEDULERS
 
 from .options import DTYPES, default_device, finite, key_values, load_config, torch_dtype
 
 CAMERA_DIRECTIONS = ("Left", "Right", "Up", "Down", "LeftUp", "LeftDown", "RightUp", "RightDown")
-SAMPLERS = ("euler", "unipc", "dpmpp")
+SAMPLERS = tuple(SCHEDULERS)
 REGISTRY_DEFAULT = "default: the model's registry settings"
 
 
@@ -41,19 +43,19 @@ class Settings:
                 f"shift {float(self.sigma_shift)}, cfg {float(self.cfg_scale)}{experts}, {self.sampler}")
 
 
-# A folder that matches no registry entry: DiffSynth-Studio's pipeline defaults, 15 fps as its examples.
-FALLBACK_SETTINGS = Settings(height=480, width=832, frames=81, fps=15, steps=50, sigma_shift=5.0, cfg_scale=5.0,
-                             sampler="euler")
-
-
 def registry_settings(sampling: Any) -> Settings:
-    """A ``wan_models.configs.Sampling`` as flag values: its first size and sampler; an expert pair's
-    (low-noise, high-noise) guidance as --cfg-scale (high) and --cfg-scale-2 (low), and its boundary."""
-    height, width = sampling.sizes[0]
-    pair = isinstance(sampling.guidance, tuple)
-    guidance, low = (sampling.guidance[1], sampling.guidance[0]) if pair else (sampling.guidance, None)
-    return Settings(height, width, sampling.frames, sampling.fps, sampling.steps, sampling.shift, guidance,
-                    sampling.default_sampler, low, sampling.boundary if pair else None)
+    """A ``wan_models.configs.Sampling`` as flag values (:func:`wan_runtime.defaults.sampling_arguments`: its
+    first size and sampler; an expert pair's guidance as --cfg-scale (high) and --cfg-scale-2 (low), and its
+    boundary)."""
+    from wan_runtime.defaults import sampling_arguments
+
+    a = sampling_arguments(sampling)
+    return Settings(a["height"], a["width"], a["num_frames"], sampling.fps, a["num_inference_steps"],
+                    a["sigma_shift"], a["cfg_scale"], a["sampler"], a.get("cfg_scale_2"), a.get("switch_DiT_boundary"))
+
+
+# A folder that matches no registry entry: DiffSynth-Studio's pipeline defaults, 15 fps as its examples.
+FALLBACK_SETTINGS = registry_settings(DIFFSYNTH_SAMPLING)
 
 
 def default_settings(model: Optional[str]) -> tuple[Settings, str, Optional[str]]:

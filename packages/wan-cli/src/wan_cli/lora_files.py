@@ -71,12 +71,15 @@ def layout_of(keys: list[str]) -> str:
 
 
 def _scale_origin(state: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> str:
+    from wan_runtime.lora.layouts import ALPHA_KEY, RANK_KEY
+    from wan_runtime.lora.scale import DIFFUSERS_KEY
+
     if any(k.endswith(".alpha") for k in state):
         return ".alpha tensors"
-    if "lora_adapter_metadata" in header:
-        return "header lora_adapter_metadata (diffusers/peft)"
-    if "lora_alpha" in header:
-        return "header lora_rank/lora_alpha"
+    if DIFFUSERS_KEY in header:
+        return f"header {DIFFUSERS_KEY} (diffusers/peft)"
+    if ALPHA_KEY in header:
+        return f"header {RANK_KEY}/{ALPHA_KEY}"
     return "none in the file (alpha = rank, scale 1)"
 
 
@@ -166,7 +169,6 @@ def convert_lora(source: Path, target: Path, to: str) -> str:
     import wan_models
     from wan_runtime.lora import ARGS_KEY, BASE_KEY, parse_lora, save_lora
     from wan_runtime.lora.fit import lora_shape
-    from wan_runtime.lora.scale import read_header
 
     stored = wan_models.read_state_dict(source)
     dora = [k for k in stored if _is_dora(k)]
@@ -192,7 +194,6 @@ def convert_lora(source: Path, target: Path, to: str) -> str:
         layer, _, attr = param.rpartition(".")
         key = {"weight": f"{layer}.diff", "bias": f"{layer}.diff_b"}.get(attr, f"{param}.diff")
         state[key] = diff
-    header = read_header(source)
-    metadata = {k: header[k] for k in (BASE_KEY, ARGS_KEY) if k in header}
+    metadata = {k: parsed.header[k] for k in (BASE_KEY, ARGS_KEY) if k in parsed.header}
     save_lora(target, state, to, metadata=metadata)
     return f"{len(parsed.low_rank)} low-rank layers, {len(deltas)} full deltas"

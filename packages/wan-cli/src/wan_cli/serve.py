@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .options import DTYPES
+from .options import DTYPES, torch_dtype
 
 MODEL_HELP = "Registry name (see `wan models`) or model folder; repeatable (default: the embedded tiny model)."
 
@@ -29,8 +29,8 @@ def _log_info() -> None:
 
 
 def _dtype(value: Optional[str]) -> Optional[str]:
-    if value is not None and value not in DTYPES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(DTYPES)}", param_hint="--dtype")
+    if value is not None:
+        torch_dtype(value)  # the check (and message) of every command's --dtype
     return value
 
 

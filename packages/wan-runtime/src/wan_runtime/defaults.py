@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 from wan_models import MODELS, ModelSpec
 
 if TYPE_CHECKING:
+    from wan_models.configs import Sampling
+
     from .pipeline import WanVideoPipeline
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,22 @@ def fit_area_closest_ratio(width: int, height: int, area: int, multiple: int) ->
     return (w1, h1) if off(w1, h1) < off(w2, h2) else (w2, h2)
 
 
+def sampling_arguments(sampling: Sampling) -> dict[str, Any]:
+    """A registry ``Sampling`` as request arguments: its first size and sampler; an expert pair's
+    (low-noise, high-noise) guidance as ``cfg_scale`` (high) and ``cfg_scale_2`` (low), and its boundary
+    as ``switch_DiT_boundary``. Shared by the pipeline, `wan generate` and wan-serve."""
+    height, width = sampling.sizes[0]
+    out: dict[str, Any] = dict(num_inference_steps=sampling.steps, sigma_shift=sampling.shift,
+                               sampler=sampling.default_sampler, num_frames=sampling.frames)
+    if isinstance(sampling.guidance, tuple):
+        out["cfg_scale_2"], out["cfg_scale"] = sampling.guidance
+        out["switch_DiT_boundary"] = sampling.boundary
+    else:
+        out["cfg_scale"] = sampling.guidance
+    out.update(height=height, width=width)
+    return out
+
+
 def model_defaults(pipe: WanVideoPipeline, given: Mapping[str, Any]) -> dict[str, Any]:
     """Request arguments for what ``given`` (the caller's keyword arguments) leaves out; empty for a
     Wan 2.1 pipeline. Logs which entry the settings came from."""
@@ -63,23 +81,14 @@ def model_defaults(pipe: WanVideoPipeline, given: Mapping[str, Any]) -> dict[str
     if spec is None:
         return {}
     sampling = spec.sampling
-    out: dict[str, Any] = dict(num_inference_steps=sampling.steps, sigma_shift=sampling.shift,
-                               sampler=sampling.default_sampler, num_frames=sampling.frames)
-    if isinstance(sampling.guidance, tuple):
-        low, high = sampling.guidance
-        out["cfg_scale"] = high
-        if "cfg_scale" not in given and low != high:  # a caller's cfg_scale serves both experts
-            out["cfg_scale_2"] = low
-    else:
-        out["cfg_scale"] = sampling.guidance
-    if sampling.boundary is not None:
-        out["switch_DiT_boundary"] = sampling.boundary
-    height, width = sampling.sizes[0]
+    out = sampling_arguments(sampling)
+    if "cfg_scale" in given or out.get("cfg_scale_2") == out["cfg_scale"]:  # a caller's cfg_scale serves both
+        out.pop("cfg_scale_2", None)
     image = given.get("input_image")
     if image is not None and "height" not in given and "width" not in given:
         fit = fit_area_closest_ratio if pipe.dit.config.fuses_image_latents else fit_area
-        width, height = fit(image.width, image.height, height * width, pipe.shape_multiples[0])
-    out.update(height=height, width=width)
+        out["width"], out["height"] = fit(image.width, image.height, out["height"] * out["width"],
+                                          pipe.shape_multiples[0])
     taken = {key: value for key, value in out.items() if key not in given}
     if taken:
         logger.info("settings from the registry entry %s: %s", spec.name,

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class PresetLora:
     """One LoRA file of a preset: its Hugging Face repository and path there, the strength to merge it

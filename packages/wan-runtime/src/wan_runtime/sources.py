@@ -73,21 +73,32 @@ def resolve_model(model: str) -> ModelSource:
         return folder_source(Path(model))
     if model in wan_models.MODELS:
         return registry_source(model)
-    raise ValueError(f"--model {model!r} is neither a folder nor a known model; known models: "
-                     f"{', '.join(wan_models.MODELS)} (see `wan models`)")
+    raise unknown_model(model)
 
 
-def folder_entry(folder: Path) -> tuple[str | None, list[str]]:
+def unknown_model(model: str) -> ValueError:
+    """The error for a ``--model`` value that is neither a folder nor a registry name, listing the names."""
+    return ValueError(f"--model {model!r} is neither a folder nor a known model; known models: "
+                      f"{', '.join(wan_models.MODELS)} (see `wan models`)")
+
+
+def folder_dit_files(folder: Path) -> list[Path]:
+    """A model folder's DiT files: its own, or an expert pair's high-noise expert's (both share one config)."""
+    return sorted(folder.glob(DIT_FILES)) or sorted((folder / EXPERT_FOLDERS[0]).glob(DIT_FILES))
+
+
+def folder_entry(folder: Path, config: wan_models.DiTConfig | None = None) -> tuple[str | None, list[str]]:
     """The registry entry whose DiT config a model folder's DiT has (its name picks among entries sharing
-    one config), and every entry of that config; None when none matches or the name cannot tell them apart."""
-    # A single DiT, or an expert pair's high-noise expert (both experts share one config).
-    files = sorted(folder.glob(DIT_FILES)) or sorted((folder / EXPERT_FOLDERS[0]).glob(DIT_FILES))
-    if not files:
-        return None, []
-    try:
-        config = read_checkpoint(files, network="dit").config
-    except (ValueError, OSError):  # an unreadable DiT: loading it reports why
-        return None, []
+    one config), and every entry of that config; None when none matches or the name cannot tell them apart.
+    ``config``: the folder's DiT config when the caller has read it already (else it is read here)."""
+    if config is None:
+        files = folder_dit_files(folder)
+        if not files:
+            return None, []
+        try:
+            config = read_checkpoint(files, network="dit").config
+        except (ValueError, OSError):  # an unreadable DiT: loading it reports why
+            return None, []
     candidates = [name for name, spec in wan_models.MODELS.items() if spec.config == config]
     named = [name for name in candidates if folder.name.lower() in
              {name.lower(), *(repo.rsplit("/", 1)[-1].lower()

@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wan_models.configs import DIFFSYNTH_SAMPLING
+from wan_runtime.defaults import sampling_arguments
 from wan_runtime.request import round_up  # the pipeline's rounding rule
+from wan_runtime.schedulers import SCHEDULERS
 
 from .config import ServeConfig
 from .store import Job, JobStore
@@ -30,14 +33,9 @@ if TYPE_CHECKING:
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 LORA_SUFFIXES = (".safetensors",)
 LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SAMPLERS = ("euler", "unipc", "dpmpp")
+SAMPLERS = tuple(SCHEDULERS)
 MAX_SEED = 2 ** 63 - 1
 MAX_PROMPT = 20_000  # characters; the text encoder reads far fewer tokens
-# Tiny model settings beyond wan_runtime.assets.DEFAULT_MODEL_SETTINGS, as `wan generate` uses them.
-TINY_FPS = 15
-TINY_SHIFT = 5.0
-FALLBACK = dict(height=480, width=832, num_frames=81, fps=15, num_inference_steps=50, sigma_shift=5.0,
-                cfg_scale=5.0, sampler="euler")  # a folder no registry entry matches (as `wan generate`)
 # Parameters a request may carry; the first five are OpenAI's (input_reference is the upload).
 PARAMS = ("model", "prompt", "seconds", "size", "input_reference", "negative_prompt", "seed", "num_frames",
           "num_inference_steps", "cfg_scale", "cfg_scale_2", "sampler", "sigma_shift", "loras")
@@ -76,17 +74,12 @@ class ServedModel:
 
 
 def _sampling_defaults(sampling: Any) -> dict[str, Any]:
-    """A registry ``Sampling`` as request defaults (an expert pair: cfg_scale high-noise, cfg_scale_2 low)."""
-    height, width = sampling.sizes[0]
-    out: dict[str, Any] = dict(height=height, width=width, num_frames=sampling.frames, fps=sampling.fps,
-                               num_inference_steps=sampling.steps, sigma_shift=sampling.shift,
-                               sampler=sampling.default_sampler)
-    if isinstance(sampling.guidance, tuple):
-        out["cfg_scale_2"], out["cfg_scale"] = sampling.guidance
-        out["switch_DiT_boundary"] = sampling.boundary
-    else:
-        out["cfg_scale"] = sampling.guidance
-    return out
+    """A registry ``Sampling`` as request defaults plus its ``fps`` (an expert pair: cfg_scale high-noise,
+    cfg_scale_2 low)."""
+    return {**sampling_arguments(sampling), "fps": sampling.fps}
+
+
+FALLBACK = _sampling_defaults(DIFFSYNTH_SAMPLING)  # a folder no registry entry matches (as `wan generate`)
 
 
 def _image_dit(config: Any) -> bool:
@@ -105,25 +98,24 @@ def describe_model(model: str) -> ServedModel:
     """A ``--model`` value (registry name, model folder, or "" / "tiny-shapes" for the embedded model) as
     a :class:`ServedModel`; an unknown name is a ValueError listing the known ones."""
     import wan_models
-    from wan_models.configs import DIT_FILES, EXPERT_FOLDERS, VAE22_FILE
+    from wan_models.configs import DIT_FILES, VAE22_FILE
     from wan_models.loading import read_checkpoint
     from wan_runtime.assets import DEFAULT_MODEL_NAME, DEFAULT_MODEL_SETTINGS, default_model_dir
-    from wan_runtime.sources import folder_entry
+    from wan_runtime.sources import folder_dit_files, folder_entry, unknown_model
 
     if model in ("", DEFAULT_MODEL_NAME):
-        tiny = DEFAULT_MODEL_SETTINGS
-        defaults = dict(height=tiny["height"], width=tiny["width"], num_frames=tiny["frames"], fps=TINY_FPS,
-                        num_inference_steps=tiny["steps"], cfg_scale=tiny["cfg_scale"], sigma_shift=TINY_SHIFT,
-                        sampler="euler")
+        tiny = DEFAULT_MODEL_SETTINGS  # over the fallback, as `wan generate` takes them
+        defaults = dict(FALLBACK, height=tiny["height"], width=tiny["width"], num_frames=tiny["frames"],
+                        num_inference_steps=tiny["steps"], cfg_scale=tiny["cfg_scale"])
         return ServedModel(DEFAULT_MODEL_NAME, str(default_model_dir()), defaults)
     folder = Path(model).expanduser()
     if folder.is_dir():
-        entry, _ = folder_entry(folder)
-        sampling = wan_models.MODELS[entry].sampling if entry is not None else None
-        files = sorted(folder.glob(DIT_FILES)) or sorted((folder / EXPERT_FOLDERS[0]).glob(DIT_FILES))
+        files = folder_dit_files(folder)
         if not files:
             raise FileNotFoundError(f"{folder} holds no DiT ({DIT_FILES}); is it a Wan model folder?")
         config = read_checkpoint(files, network="dit").config
+        entry, _ = folder_entry(folder, config)
+        sampling = wan_models.MODELS[entry].sampling if entry is not None else None
         vae22 = (folder / VAE22_FILE).exists()
         defaults = _sampling_defaults(sampling) if sampling is not None else dict(FALLBACK)
         return ServedModel(folder.resolve().name, str(folder.resolve()), defaults, 32 if vae22 else 16, 4,
@@ -136,8 +128,7 @@ def describe_model(model: str) -> ServedModel:
         vae22 = base.vae_file == VAE22_FILE
         return ServedModel(model, model, defaults, 32 if vae22 else 16, 4, _image_dit(base.config),
                            _image_fit(base.config))
-    raise ValueError(f"--model {model!r} is neither a folder nor a known model; known models: "
-                     f"{', '.join(wan_models.MODELS)} (see `wan models`)")
+    raise unknown_model(model)
 
 
 class ModelCatalog:
@@ -214,6 +205,11 @@ def format_seconds(frames: int, fps: int) -> str:
     return f"{round(frames / fps, 2):g}"
 
 
+def lora_files(lora_dir: Path) -> dict[str, Path]:
+    """The LoRA files of ``lora_dir`` by file name (the names jobs store), from a listing, never a joined path."""
+    return {p.name: p for p in sorted(lora_dir.glob("*")) if p.suffix in LORA_SUFFIXES and p.is_file()}
+
+
 def parse_loras(value: Any, lora_dir: Path) -> list[list[Any]]:
     """``loras`` as ``[[name, strength], ...]``: names of files in ``lora_dir`` (``name`` or ``name.safetensors``),
     given as "a,b:0.8", a list of such strings, or a list of {"name", "strength"}. A name is looked up
@@ -223,7 +219,7 @@ def parse_loras(value: Any, lora_dir: Path) -> list[list[Any]]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list):
         raise ApiError(400, f"loras must be a list of names, got {value!r}", "loras", "invalid_value")
-    available = {p.name: p for p in sorted(lora_dir.glob("*")) if p.suffix in LORA_SUFFIXES and p.is_file()}
+    available = lora_files(lora_dir)
     available.update({p.stem: p for p in list(available.values())})
     out = []
     for item in items:
@@ -276,7 +272,7 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int) -> "Image.Image":
                 SyntaxError) as e:
             raise ApiError(400, f"input_reference is a damaged {image.format} image: {e}", "input_reference",
                            "invalid_image") from None
-    return image.convert("RGB")
+    return image  # the worker converts it (wan_runtime.images.to_rgb)
 
 
 # -- submitting ------------------------------------------------------------------------------------

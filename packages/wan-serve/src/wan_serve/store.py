@@ -30,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled")
 FINISHED = ("completed", "failed")
-BLOB_KINDS = ("input_reference", "video")
 SCHEMA_LOCK_KEY = 0x57414E5F4A4F4253  # "WAN_JOBS": the PostgreSQL advisory lock held while creating tables
 MAX_REQUEUES = 3  # a job whose worker died this many times fails ("worker_lost") instead of killing more
 
@@ -229,12 +228,6 @@ class JobStore:
             rows = conn.execute(query).all()
         return [_job(r) for r in rows[:limit]], len(rows) > limit
 
-    def put_blob(self, job_id: str, kind: str, data: bytes) -> None:
-        """Store (or replace) the blob ``kind`` of ``job_id``."""
-        with self.engine.begin() as conn:
-            conn.execute(delete(blobs).where(blobs.c.job_id == job_id, blobs.c.kind == kind))
-            conn.execute(insert(blobs).values(job_id=job_id, kind=kind, data=data))
-
     def get_blob(self, job_id: str, kind: str) -> bytes | None:
         """The blob ``kind`` of ``job_id``, or None."""
         with self.reader.connect() as conn:
@@ -289,11 +282,6 @@ class JobStore:
             status="queued", progress=0, started_at=None, attempts=jobs.c.attempts + 1, **lost))
         if requeued.rowcount:
             logger.warning("re-queued %d job(s) whose worker's lease expired", requeued.rowcount)
-
-    def requeue_expired(self) -> None:
-        """Re-queue the jobs whose lease expired now (``claim`` does it too)."""
-        with self.engine.begin() as conn:
-            self._requeue_expired(conn, time.time())
 
     def heartbeat(self, job_id: str, worker_id: str, progress: int | None = None,
                   lease_seconds: float = 60.0) -> bool:

@@ -15,13 +15,12 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .runner import JobStopped, run_job
-from .service import ModelCatalog, ServedModel
+from .service import ModelCatalog, ServedModel, lora_files
 from .store import Job, JobStore
 
 if TYPE_CHECKING:
@@ -45,28 +44,24 @@ default_worker_id.count = 0
 
 
 def resolve_dtype(dtype: str | None, device: str) -> Any:
-    """A dtype name as a torch dtype; None: bfloat16 on CUDA, float32 elsewhere (CPUs are slow in bf16)."""
-    import torch
+    """A dtype name as a torch dtype the pipeline computes in (:func:`wan_runtime.devices.resolve_dtype`);
+    None: bfloat16 on CUDA, float32 elsewhere (CPUs are slow in bf16)."""
+    from wan_runtime.devices import resolve_dtype as pipeline_dtype
 
-    name = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype {name!r} is not a torch floating-point dtype (e.g. bfloat16, float16, float32)")
-    return value
+    return pipeline_dtype(dtype or ("bfloat16" if device.startswith("cuda") else "float32"), "dtype")
 
 
 class PipelineCache:
     """Loaded pipelines by model name, loaded once and kept. On CUDA, when less than half the GPU memory
-    is free, the least recently used pipelines are dropped before another one loads (so with short VRAM
-    only one model is resident at a time and switching models costs a reload)."""
+    is free, every loaded pipeline is dropped before another one loads (so with short VRAM only one model
+    is resident at a time and switching models costs a reload)."""
 
     def __init__(self, device: str, dtype: Any, models_dir: str = "models") -> None:
         self.device, self.dtype, self.models_dir = device, dtype, models_dir
-        self.pipes: OrderedDict[str, WanVideoPipeline] = OrderedDict()
+        self.pipes: dict[str, WanVideoPipeline] = {}
 
     def get(self, model: ServedModel) -> "WanVideoPipeline":
         if model.name in self.pipes:
-            self.pipes.move_to_end(model.name)
             return self.pipes[model.name]
         self._make_room()
         from wan_runtime import WanVideoPipeline
@@ -91,9 +86,9 @@ class PipelineCache:
         free, total = torch.cuda.mem_get_info(index)
         if free >= SHORT_MEMORY * total:
             return
-        while self.pipes:
-            name, _ = self.pipes.popitem(last=False)
+        for name in self.pipes:
             logger.info("dropped %s from %s to make room for another model", name, self.device)
+        self.pipes.clear()
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -232,7 +227,7 @@ class Worker:
         if loras and self.lora_dir is None:
             raise ValueError("the job names LoRAs but this worker has no LoRA folder (--lora-dir)")
         # Names were matched against the folder's listing at submission; look them up again the same way.
-        available = {p.name: p for p in self.lora_dir.iterdir()} if loras else {}
+        available = lora_files(self.lora_dir) if loras else {}
         paths = []
         for name, strength in loras:
             if name not in available:

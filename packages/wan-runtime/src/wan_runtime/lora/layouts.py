@@ -45,8 +45,7 @@ from wan_models.formats.diffusers import DIT_KEYS
 
 from ..files import atomic_path
 from .names import PREFIXES
-from .scale import DIFFUSERS_KEY as DIFFUSERS_METADATA_KEY
-from .scale import DIFFUSERS_PREFIX
+from .scale import DIFFUSERS_KEY, DIFFUSERS_PREFIX
 
 LAYOUTS = ("official", "diffusers", "comfy")  # the same words as `wan convert --to`
 BASE_KEY = "wan.base"  # JSON {"family", "expert", "variant", "dim", "num_layers", "model"}
@@ -164,7 +163,7 @@ def _diffusers(layers: Mapping[str, _Layer], deltas: Mapping[str, torch.Tensor]
     if deltas:
         config["lora_bias"] = True
     packed = {DIFFUSERS_PREFIX + key: value for key, value in config.items()}
-    return out, {DIFFUSERS_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+    return out, {DIFFUSERS_KEY: json.dumps(packed, indent=2, sort_keys=True)}
 
 
 def export_lora(state: Mapping[str, torch.Tensor], layout: str, *, alpha: float | None = None,
