@@ -23,6 +23,7 @@ from typing import Iterator
 import pytest
 
 from serve.jobs_support import WanProcesses
+from wan_serve.service import ModelCatalog
 
 PG_BINDIR = Path(os.environ.get("WAN_TEST_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 PG_USER = "nobody"  # used when the tests run as root; created when missing
@@ -132,6 +133,12 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """The URL of a fresh database on the session's PostgreSQL server."""
     return postgres_server.create_database()
+
+
+@pytest.fixture(scope="module")
+def catalog() -> ModelCatalog:
+    """The catalog of the embedded tiny model only, one per test module (test_api.py, test_page.py)."""
+    return ModelCatalog([])
 
 
 @pytest.fixture

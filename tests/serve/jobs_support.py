@@ -1,5 +1,6 @@
-"""Helpers of the process-level serve tests (test_postgres.py, test_restart.py): real `wan serve` /
-`wan worker` subprocesses, and submitting, waiting for and decoding jobs over HTTP."""
+"""Helpers of the serve tests: real `wan serve` / `wan worker` subprocesses (test_postgres.py,
+test_restart.py, ...), submitting, waiting for and decoding jobs over HTTP, threads released at once, and
+random test images."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from typing import Callable
 
 import av
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from wan_serve.store import JobStore, jobs
 
@@ -103,6 +106,14 @@ def decoded_frames(mp4: bytes) -> tuple[int, int, int]:
     return len(frames), frames[0].width, frames[0].height
 
 
+def png_bytes(width: int, height: int, seed: int | None = None, fmt: str = "PNG") -> bytes:
+    """A ``width`` x ``height`` RGB image of random noise (``seed`` None: fresh noise) encoded as ``fmt``."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
 def attempts_after_one_run(folder) -> int:
     """The ``attempts`` a job shows after exactly one claim, read from a scratch SQLite store: the tests
     compare against it so that they prove "ran once" / "ran twice" whether the store counts runs or re-runs."""
@@ -157,24 +168,32 @@ class WanProcess:
         pytest.fail(f"{self.args} not ready after {timeout:.0f} s (no {self.ready_text!r}):\n"
                     f"{self.log()[-4000:]}", pytrace=False)
 
-    def kill(self) -> None:
-        """SIGKILL: the process gets no chance to clean up (what the durability tests are about)."""
+    def terminate(self) -> None:
+        """SIGTERM, if the process is still running; returns at once."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+            self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+    def wait_or_kill(self, timeout: float = 30.0) -> int | None:
+        """Wait up to ``timeout`` for the process to exit, then SIGKILL it; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=30)
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up (what the durability tests are about)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.wait_or_kill()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit code."""
+        self.terminate()
+        return self.wait_or_kill(timeout)
 
 
 class WanProcesses:
@@ -213,7 +232,6 @@ class WanProcesses:
     def stop_all(self) -> None:
         """SIGTERM to every process at once, then wait for each (SIGKILL after 30 s)."""
         for proc in self.started:
-            if proc.proc is not None and proc.proc.poll() is None:
-                proc.proc.send_signal(signal.SIGTERM)
+            proc.terminate()
         for proc in self.started:
-            proc.stop()
+            proc.wait_or_kill()

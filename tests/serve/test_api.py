@@ -9,7 +9,6 @@ import re
 import threading
 import time
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,17 +16,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lora_files import lightx2v_lora
+from serve.jobs_support import decoded_frames, png_bytes
 from wan_serve import ServeConfig, Worker, create_app
 from wan_serve.config import is_loopback
 from wan_serve.service import ModelCatalog, seconds_to_frames
 from wan_serve.worker import PipelineCache
 
 FAST = {"size": "32x32", "num_frames": "5", "num_inference_steps": "2", "seed": "3"}
-
-
-@pytest.fixture(scope="module")
-def catalog() -> ModelCatalog:
-    return ModelCatalog([])
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +59,6 @@ def _error(response, status: int, param: str | None) -> dict:
     return body["error"]
 
 
-def _png(width: int = 40, height: int = 24, fmt: str = "PNG") -> bytes:
-    pixels = (np.random.default_rng().random((height, width, 3)) * 255).astype("uint8")
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt)
-    return out.getvalue()
-
-
-def _frames(mp4: bytes) -> tuple[int, int, int]:
-    with av.open(io.BytesIO(mp4)) as container:
-        frames = [f for f in container.decode(video=0)]
-    return len(frames), frames[0].width, frames[0].height
-
-
 def test_seconds_become_frames_of_the_4k_plus_1_rule() -> None:
     assert seconds_to_frames(1, 16) == 17  # 16 frames -> 17
     assert seconds_to_frames(0.5, 15) == 9  # 7.5 -> 8 -> 9
@@ -102,7 +84,7 @@ def test_create_run_retrieve_list_download_delete(make) -> None:
     assert done["expires_at"] == done["completed_at"] + 24 * 3600
     content = client.get(f"/v1/videos/{video['id']}/content")
     assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
-    assert _frames(content.content) == (9, 48, 32)
+    assert decoded_frames(content.content) == (9, 48, 32)
     second = client.post("/v1/videos", json={"prompt": "a blue square", **FAST, "num_frames": 5}).json()
     listed = client.get("/v1/videos", params={"limit": 1}).json()
     assert listed["object"] == "list" and listed["has_more"] is True
@@ -199,7 +181,7 @@ def test_malformed_requests_get_the_error_shape_never_a_500(make) -> None:
 
 def test_uploads_are_decoded_and_checked(make) -> None:
     client, worker = make(max_upload_bytes=20_000)
-    big = _png(200, 200)
+    big = png_bytes(200, 200)
     assert len(big) > 20_000
     error = _error(client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", big)}),
                    413, "input_reference")
@@ -211,12 +193,12 @@ def test_uploads_are_decoded_and_checked(make) -> None:
     Image.new("RGB", (8, 8), (200, 10, 10)).save(gif, format="GIF")
     _error(client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", gif.getvalue())}),
            415, "input_reference")  # a real image, but not one of the accepted formats
-    truncated = _png()[:200]
+    truncated = png_bytes(40, 24)[:200]
     _error(client.post("/v1/videos", data={"prompt": "x"}, files={"input_reference": ("a.png", truncated)}),
            400, "input_reference")
     # A good image, but the tiny model generates from text only.
     assert "text only" in _error(client.post("/v1/videos", data={"prompt": "x"},
-                                             files={"input_reference": ("a.webp", _png(fmt="WEBP"))}),
+                                             files={"input_reference": ("a.webp", png_bytes(40, 24, fmt="WEBP"))}),
                                  400, "input_reference")["message"]
     assert worker.store.counts()["queued"] == 0
 
@@ -230,7 +212,7 @@ def test_an_image_model_takes_the_upload_through_the_store(tmp_path_factory, tmp
     config = ServeConfig(state_dir=str(tmp_path / "state"))
     app = create_app(config, catalog=catalog)
     client = TestClient(app)
-    image = _png(48, 40)
+    image = png_bytes(48, 40)
     r = client.post("/v1/videos", data={"prompt": "a cat", **FAST}, files={"input_reference": ("in.jpg", image)})
     assert r.status_code == 200, r.text
     assert app.state.store.get_blob(r.json()["id"], "input_reference") == image
@@ -238,7 +220,7 @@ def test_an_image_model_takes_the_upload_through_the_store(tmp_path_factory, tmp
     assert worker.run_once()
     done = client.get(f"/v1/videos/{r.json()['id']}").json()
     assert done["status"] == "completed", done["error"]
-    assert _frames(client.get(f"/v1/videos/{done['id']}/content").content) == (5, 32, 32)
+    assert decoded_frames(client.get(f"/v1/videos/{done['id']}/content").content) == (5, 32, 32)
     app.state.store.close()
 
 
@@ -286,7 +268,7 @@ def test_a_wan22_image_model_without_a_size_follows_the_image(tmp_path_factory, 
     app = create_app(ServeConfig(state_dir=str(tmp_path / "state")), catalog=catalog)
     client = TestClient(app)
     r = client.post("/v1/videos", data={"prompt": "a cat", "num_frames": "5"},
-                    files={"input_reference": ("in.png", _png(64, 32))})
+                    files={"input_reference": ("in.png", png_bytes(64, 32))})
     # The tiny DiT matches no registry entry, so the default size is `wan generate`'s 832x480; TI2V's rule
     # keeps that area at the image's 2:1 aspect, sides multiples of 32 (the 16x VAE), taking the closer
     # ratio of two roundings: 864x448 (ratio 1.93) beats 960x416 (2.31).

@@ -26,6 +26,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from wan_serve import ServeConfig
 from wan_serve.store import JobStore
 
 INSTALL_HINT = ("run `tools/ensure_test_system.sh` as root (it runs `apt-get install -y chromium chromium-driver`; "
@@ -148,7 +149,7 @@ def test_page_generates_plays_and_lists_the_job(wan_processes: Any, browser: web
         assert browser.execute_async_script(FETCH_LENGTH, download.get_attribute("href")) == len(content.content)
         assert state["duration"] == pytest.approx(float(job["seconds"]), abs=0.05)
         # The form's values reached the job (the tiny model's defaults are 64x64, 17 frames, more steps).
-        stored = JobStore(f"sqlite:///{state_dir / 'jobs.db'}")
+        stored = JobStore(ServeConfig(state_dir=str(state_dir)).resolved_db_url())
         try:
             params = stored.get(job_id).params
         finally:

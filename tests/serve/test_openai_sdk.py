@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 from openai.types import Video
-from PIL import Image
 
-from serve.jobs_support import WanProcess, WanProcesses
+from serve.jobs_support import WanProcess, WanProcesses, png_bytes
 from wan_runtime import tiny_release
 
 pytestmark = pytest.mark.filterwarnings(
@@ -38,8 +37,7 @@ JOB_TIMEOUT = 60.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WanProcess]:
     tmp = tmp_path_factory.mktemp("sdk")
-    tiny_release.write_release(tmp / "models", TI2V)
-    folder = next((tmp / "models").glob(f"*/{TI2V}"))
+    folder = tiny_release.write_release(tmp / "models", TI2V)
     processes = WanProcesses(tmp)
     try:
         yield processes.serve("--token", TOKEN, "--model", TINY, "--model", str(folder))
@@ -70,13 +68,6 @@ def decode(data: bytes) -> list[np.ndarray]:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_create_retrieve_download_delete(client: OpenAI) -> None:
     video = client.videos.create(model=TINY, prompt="a red circle moving right", seconds="1", size="64x64",
                                  extra_body={"num_inference_steps": 2, "seed": 1})
@@ -103,7 +94,7 @@ def test_create_retrieve_download_delete(client: OpenAI) -> None:
 def test_input_reference_upload_reaches_the_model(client: OpenAI) -> None:
     settings = dict(model=TI2V, prompt="a red ball", seconds="4", size="32x32",
                     extra_body={"num_frames": 5, "num_inference_steps": 2, "seed": 3})
-    with_image = client.videos.create_and_poll(input_reference=("first.png", png_bytes(48, 40, 0), "image/png"),
+    with_image = client.videos.create_and_poll(input_reference=("first.png", png_bytes(48, 40, seed=0), "image/png"),
                                                poll_interval_ms=100, **settings)
     assert with_image.status == "completed", with_image.error
     assert with_image.size == "32x32"

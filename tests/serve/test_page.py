@@ -6,15 +6,13 @@ table row names no file. The browser test (test_browser.py) drives the whole pag
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import gradio as gr
-import numpy as np
 import pytest
-from PIL import Image
 from fastapi.testclient import TestClient
 
+from serve.jobs_support import png_bytes
 from wan_runtime import tiny_release
 from wan_runtime.assets import DEFAULT_MODEL_NAME, DEFAULT_MODEL_SETTINGS
 from wan_serve import ServeConfig, create_app
@@ -23,11 +21,6 @@ from wan_serve.service import ModelCatalog
 from wan_serve.store import JobStore
 
 TOKEN = "page-token-4f1c9e"
-
-
-@pytest.fixture(scope="module")
-def catalog() -> ModelCatalog:
-    return ModelCatalog([])
 
 
 def _client(tmp_path: Path, catalog: ModelCatalog, **overrides: object) -> TestClient:
@@ -106,17 +99,15 @@ def test_an_image_model_takes_the_dropped_image(tmp_path: Path) -> None:
         page = _Page(store, catalog, config)
         *_, image_update = page.defaults(name)
         assert image_update["visible"] is True
-        png = io.BytesIO()
-        pixels = np.random.default_rng(5).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(png, format="PNG")
+        png = png_bytes(64, 48, seed=5)
         dropped = tmp_path / "start.png"
-        dropped.write_bytes(png.getvalue())
+        dropped.write_bytes(png)
         run = page.generate(name, "a cat turns its head", "64x48", 5, 11, 2, str(dropped))
         status, video, rows = next(run)
         run.close()
         job_id = rows[0][0]
         assert job_id in status and "queued, position 1" in status and video is None
-        assert store.get_blob(job_id, "input_reference") == png.getvalue()
+        assert store.get_blob(job_id, "input_reference") == png
         assert store.get(job_id).params["seed"] == 11
     finally:
         store.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from serve.jobs_support import attempts_after_one_run, decoded_frames, submit
+from wan_serve import ServeConfig
 from wan_serve.store import JobStore
 
 LEASE = "3"  # seconds: the killed server's lease on its running job runs out this fast (renewed every second)
@@ -70,7 +71,7 @@ def test_sigkill_and_restart_finish_every_job(tmp_path: Path, wan_processes):
         assert decoded_frames(client.get(f"/v1/videos/{running}/content").content) == (17, 64, 64)
     assert second.stop() == 0
 
-    store = JobStore(f"sqlite:///{state / 'jobs.db'}")
+    store = JobStore(ServeConfig(state_dir=str(state)).resolved_db_url())
     one_run = attempts_after_one_run(tmp_path)
     assert [store.get(job_id).attempts for job_id in queued] == [one_run] * len(queued)
     assert store.get(running).attempts == one_run + 1  # started over after the kill

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 
-from serve.jobs_support import open_concurrently
+from serve.jobs_support import at_once, open_concurrently
 from wan_serve.store import MAX_REQUEUES, JobStore
 
 
@@ -27,18 +26,14 @@ def store(tmp_path):
 def test_two_threads_claiming_never_get_the_same_job(store) -> None:
     ids = {store.create(_fields(i)).id for i in range(24)}
     claimed: dict[str, list[str]] = {"a": [], "b": [], "c": []}
-    start = threading.Barrier(len(claimed))
+    workers = list(claimed)
 
-    def claim_all(worker: str) -> None:
-        start.wait()
+    def claim_all(n: int) -> None:
+        worker = workers[n]
         while (job := store.claim(worker, ["m"], 60)) is not None:
             claimed[worker].append(job.id)
 
-    threads = [threading.Thread(target=claim_all, args=(w,)) for w in claimed]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(len(workers), claim_all)
     every = [job_id for jobs in claimed.values() for job_id in jobs]
     assert sorted(every) == sorted(ids)  # each job exactly once
     assert all(store.get(i).status == "in_progress" for i in ids)
@@ -129,17 +124,7 @@ def test_delete_removes_finished_jobs_only(store) -> None:
 
 def test_idempotency_key_returns_the_first_job_even_under_concurrency(store) -> None:
     results = []
-    start = threading.Barrier(4)
-
-    def create() -> None:
-        start.wait()
-        results.append(store.create(_fields(), idempotency_key="key-1").id)
-
-    threads = [threading.Thread(target=create) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    at_once(4, lambda _n: results.append(store.create(_fields(), idempotency_key="key-1").id))
     assert len(set(results)) == 1 and store.counts()["queued"] == 1
     assert store.create(_fields(), idempotency_key="key-2").id != results[0]
 

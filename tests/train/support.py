@@ -1,4 +1,5 @@
-"""Helpers of the wan-train tests: synthetic videos, metadata files and the flags of a small run."""
+"""Helpers of the wan-train tests: synthetic videos, metadata files, the flags of a small run, and running
+and comparing runs in their own processes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from safetensors.torch import load_file
 
 from wan_models.configs import T5_FILE, VAE_FILE
 
@@ -102,3 +105,23 @@ def sigkill_after_saves(argv: list[str], output: Path, saves: int, timeout: floa
         pytest.fail(f"the run ended or saved nothing before it could be killed (exit {process.returncode}): "
                     f"{log.read_text(errors='replace')[-2000:]}")
     return latest.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
+    result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def max_difference(a: Path, b: Path) -> float:
+    x, y = load_file(a), load_file(b)
+    assert set(x) == set(y)
+    return max((x[k] - y[k]).abs().max().item() for k in x)

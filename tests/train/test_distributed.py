@@ -15,44 +15,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from wan_train import parse_args, train
 from wan_train.state import STATE_DIR
 
-from train.support import sigkill_after_saves, train_argv
+from train.support import free_port, launch, max_difference, sigkill_after_saves, train_argv
 
 log = logging.getLogger(__name__)
 WEIGHT_TOLERANCE = 2e-5  # max |w_multi - w_single| after 4 steps at lr 1e-3
 FULL = ("--trainable_models", "dit", "--learning_rate", "1e-3", "--num_epochs", "2")
 LORA = ("--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--num_epochs", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(command: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
-    full_env.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def max_difference(a: Path, b: Path) -> float:
-    x, y = load_file(a), load_file(b)
-    assert set(x) == set(y)
-    return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
 def logged_losses(output: Path) -> list[float]:

@@ -26,7 +26,8 @@ from wan_train import TrainingError, WanTrainingModule, build_cache, load_pipeli
 from wan_train.experts import expert_range, select_expert_files
 from wan_train.module import training_scheduler
 
-from train.support import FRAMES, sigkill_after_saves, train_until_killed, write_csv
+from train.support import (FRAMES, free_port, launch, max_difference, sigkill_after_saves, train_until_killed,
+                           write_csv)
 
 log = logging.getLogger(__name__)
 TI2V, T2V, I2V = "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"
@@ -281,7 +282,8 @@ def test_ti2v_text_to_video_step(models: Path, dataset: Path, tmp_path: Path) ->
     """Without input_image the same DiT trains text-to-video: nothing held, one timestep per video, every frame
     in the loss."""
     run = argv(models / TI2V, [models / TI2V / DIT], dataset, tmp_path, "--lora_base_model", "dit")
-    module = WanTrainingModule.from_args(parse_args(run), load_pipeline(parse_args(run)))
+    args = parse_args(run)
+    module = WanTrainingModule.from_args(args, load_pipeline(args))
     seen = {}
     module.predict = lambda x, t, c, s: seen.update(t=t) or torch.zeros_like(x)
     with torch.no_grad():
@@ -354,8 +356,6 @@ def test_expert_run_killed_with_sigkill_resumes_to_the_same_weights(models: Path
     """The A14B high-noise expert trained in its own process, SIGKILLed once a few states are saved (whatever
     it is doing then) and resumed in a new process: the uninterrupted run's weights (same bound as Wan 2.1's
     test: float32 kernels differ across processes by up to ~2e-7)."""
-    from train.test_distributed import launch, max_difference
-
     flags = ("--expert", "high", "--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-2",
              "--save_steps", "1", "--dataset_repeat", "4")
     whole = train(parse_args(pair_argv(models, T2V, dataset, tmp_path / "whole", *flags)))
@@ -373,7 +373,7 @@ def test_expert_run_killed_with_sigkill_resumes_to_the_same_weights(models: Path
 
 def test_ti2v_i2v_ddp_two_processes_equal_one(models: Path, dataset: Path, tmp_path: Path) -> None:
     """TI2V image-to-video LoRA under DDP (2 CPU processes, one micro-batch each) = 1 process accumulating 2."""
-    from train.test_distributed import WEIGHT_TOLERANCE, free_port, launch, logged_losses, max_difference
+    from train.test_distributed import WEIGHT_TOLERANCE, logged_losses
 
     two = tmp_path / "two.csv"
     write_csv(two, [{"video": f"clip{i}.mp4", "prompt": f"square {i}"} for i in range(2)])
