@@ -125,3 +125,11 @@ def max_difference(a: Path, b: Path) -> float:
     x, y = load_file(a), load_file(b)
     assert set(x) == set(y)
     return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+WEIGHT_TOLERANCE = 2e-5  # max |w_multi - w_single| after 4 steps at lr 1e-3 (see test_distributed.py)
+
+
+def logged_losses(output: Path) -> list[float]:
+    """The losses a run wrote to ``train_log.jsonl``, in order."""
+    return [json.loads(line)["loss"] for line in (output / "train_log.jsonl").read_text().splitlines()]

@@ -13,7 +13,6 @@ and lands 4e-4 away.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -23,16 +22,12 @@ import pytest
 from wan_train import parse_args, train
 from wan_train.state import STATE_DIR
 
-from train.support import free_port, launch, max_difference, sigkill_after_saves, train_argv
+from train.support import (WEIGHT_TOLERANCE, free_port, launch, logged_losses, max_difference, sigkill_after_saves,
+                           train_argv)
 
 log = logging.getLogger(__name__)
-WEIGHT_TOLERANCE = 2e-5  # max |w_multi - w_single| after 4 steps at lr 1e-3
 FULL = ("--trainable_models", "dit", "--learning_rate", "1e-3", "--num_epochs", "2")
 LORA = ("--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--num_epochs", "2")
-
-
-def logged_losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

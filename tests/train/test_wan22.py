@@ -26,8 +26,8 @@ from wan_train import TrainingError, WanTrainingModule, build_cache, load_pipeli
 from wan_train.experts import expert_range, select_expert_files
 from wan_train.module import training_scheduler
 
-from train.support import (FRAMES, free_port, launch, max_difference, sigkill_after_saves, train_until_killed,
-                           write_csv)
+from train.support import (FRAMES, WEIGHT_TOLERANCE, free_port, launch, logged_losses, max_difference,
+                           sigkill_after_saves, train_until_killed, write_csv)
 
 log = logging.getLogger(__name__)
 TI2V, T2V, I2V = "Wan2.2-TI2V-5B", "Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B"
@@ -373,8 +373,6 @@ def test_expert_run_killed_with_sigkill_resumes_to_the_same_weights(models: Path
 
 def test_ti2v_i2v_ddp_two_processes_equal_one(models: Path, dataset: Path, tmp_path: Path) -> None:
     """TI2V image-to-video LoRA under DDP (2 CPU processes, one micro-batch each) = 1 process accumulating 2."""
-    from train.test_distributed import WEIGHT_TOLERANCE, logged_losses
-
     two = tmp_path / "two.csv"
     write_csv(two, [{"video": f"clip{i}.mp4", "prompt": f"square {i}"} for i in range(2)])
     flags = ("--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-3", "--dataset_repeat", "2")
